@@ -1,0 +1,267 @@
+"""One edge's session on the cloud: its middle stage, optimizer and the skip controller's decisions."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import torch
+import torch.nn.functional as F
+
+from pipeline import wire
+from pipeline.config import Config
+from pipeline.models import build_model
+from pipeline.optim import build_optimizer, set_learning_rate
+from pipeline.partition import cut_shapes, make_cuts, split
+from pipeline.skip import (
+    Decision,
+    LayerStatistics,
+    StepStats,
+    apply_boundary,
+    apply_lr_factors,
+    cac_parameter_layers,
+    make_policy,
+)
+from pipeline.stage import Stage
+from protos import edgepipe_pb2 as pb
+
+__all__ = ["CloudSession", "SessionError"]
+
+
+class SessionError(Exception):
+    """A request the session cannot serve; carries the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _out_of_order(message: str) -> SessionError:
+    return SessionError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+class CloudSession:
+    """The cloud half of one edge's training run.
+
+    A step arrives as frames: ``begin``, then activations (and, when the edge holds a tail,
+    gradients) per micro-batch, then ``end``.  The optimizer steps only at ``end`` after every
+    micro-batch completed; anything else aborts the step and leaves the session as it was.
+    """
+
+    def __init__(self, session_id: str, config: Config) -> None:
+        self.id = session_id
+        self.config = config
+        model = build_model(
+            config.model.name,
+            num_classes=config.model.num_classes,
+            input_shape=config.model.input_shape,
+            width=config.model.width,
+            seed=config.model.seed,
+        )
+        self.num_layers = len(model)
+        self.cuts = make_cuts(self.num_layers, config.partition.edge_head, config.partition.edge_tail)
+        self.uplink_shape, self.downlink_shape = cut_shapes(model, config.model.input_shape, self.cuts)
+        _, middle, _ = split(model, self.cuts)
+        self.stage = Stage(middle, self.cuts.middle_start)
+        self.optimizer = build_optimizer(middle, self.cuts.middle_start, config.train)
+        self.statistics = LayerStatistics(middle, self.cuts.middle_start)
+        self.policy = make_policy(
+            config.skip,
+            num_layers=self.num_layers,
+            edge_tail=config.partition.edge_tail,
+            epochs=config.train.epochs,
+            param_layers=cac_parameter_layers(model),
+        )
+        self.loss_on_cloud = config.partition.edge_tail == 0
+        self.max_batch = config.micro_batch_size
+        self.next_step = 0
+        self.decision = self.policy.initial()
+        self._apply(self.decision)
+        self.lock = threading.Lock()
+        self.last_used = time.monotonic()
+        self.clock = wire.CodecClock()
+        self._reset_step()
+
+    # -- the freeze boundary -------------------------------------------------------------
+
+    def _apply(self, decision: Decision) -> None:
+        apply_boundary(decision.boundary, self.stage.layers, self.stage.offset, self.optimizer)
+        apply_lr_factors(self.optimizer, decision.lr_factors)
+        self.stage.boundary = decision.boundary
+
+    @property
+    def head_trains(self) -> bool:
+        """Whether the edge head still learns, i.e. needs the gradient of the uplink activation."""
+        return self.decision.boundary < self.cuts.edge_head
+
+    @property
+    def middle_trains(self) -> bool:
+        """Whether any cloud layer still learns, i.e. the edge must send output gradients."""
+        return self.stage.trains
+
+    # -- one training step ---------------------------------------------------------------
+
+    def _reset_step(self) -> None:
+        self._begin: pb.StepBegin | None = None
+        self._activations: set[int] = set()
+        self._gradients: set[int] = set()
+        self._loss = 0.0
+        self._backward_seconds = 0.0
+
+    def abort_step(self) -> None:
+        """Forget an unfinished step: no optimizer step, BatchNorm statistics restored."""
+        if self._begin is not None:
+            self.stage.abort_step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._reset_step()
+
+    def handle(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
+        """Process one edge frame; yields the frames to send back."""
+        self.last_used = time.monotonic()
+        body = frame.WhichOneof("body")
+        if self._begin is None and body != "begin":
+            raise _out_of_order(f"step {frame.step} must start with a begin frame, got {body!r}")
+        if self._begin is not None and frame.step != self.next_step:
+            raise _out_of_order(f"frame for step {frame.step} inside step {self.next_step}")
+        if body == "begin":
+            self._on_begin(frame)
+        elif body == "activation":
+            yield from self._on_activation(frame)
+        elif body == "gradient":
+            yield from self._on_gradient(frame)
+        elif body == "end":
+            yield self._on_end(frame)
+        else:
+            raise wire.WireError(f"an edge may not send a {body!r} frame")
+
+    def _on_begin(self, frame: pb.StepFrame) -> None:
+        begin = frame.begin
+        if self._begin is not None:
+            raise _out_of_order(f"step {self.next_step} has already begun")
+        if frame.step != self.next_step:
+            raise _out_of_order(
+                f"the edge is at step {frame.step} but this session is at step {self.next_step}; "
+                "restart the edge (a step was lost on a broken stream)"
+            )
+        if begin.boundary != self.decision.boundary:
+            raise _out_of_order(f"the edge applies boundary {begin.boundary}, the cloud decided {self.decision.boundary}")
+        if not 1 <= begin.chunks <= self.config.partition.chunks or begin.samples < begin.chunks:
+            raise wire.WireError(
+                f"begin frame has {begin.chunks} micro-batches for {begin.samples} samples; "
+                f"partition.chunks is {self.config.partition.chunks}"
+            )
+        if not begin.lr > 0:
+            raise wire.WireError(f"learning rate must be positive, got {begin.lr}")
+        self.optimizer.zero_grad(set_to_none=True)
+        set_learning_rate(self.optimizer, begin.lr)
+        self.stage.begin_step()
+        self.clock.take()
+        self._begin = begin
+
+    def _micro_batch(self, frame: pb.StepFrame, seen: set[int], what: str) -> int:
+        index = frame.micro_batch
+        if not 0 <= index < self._begin.chunks:
+            raise wire.WireError(f"{what} for micro-batch {index}; this step has {self._begin.chunks}")
+        if index in seen:
+            raise wire.WireError(f"second {what} for micro-batch {index}")
+        return index
+
+    def _on_activation(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
+        index = self._micro_batch(frame, self._activations, "activation")
+        x = wire.decode_tensor(
+            frame.activation, sample_shape=self.uplink_shape, max_batch=self.max_batch,
+            what="uplink activation", clock=self.clock,
+        )
+        self._activations.add(index)
+        if self.loss_on_cloud:
+            labels = wire.labels_from_frame(frame, batch=len(x), num_classes=self.config.model.num_classes)
+            out = self.stage.forward(index, x, input_grad=self.head_trains)
+            loss = F.cross_entropy(out, labels, reduction="sum") / self._begin.samples
+            self._loss += loss.item()
+            start = time.perf_counter()
+            grad = self.stage.backward(index, loss=loss)
+            self._backward_seconds += time.perf_counter() - start
+            if grad is not None:
+                yield self._tensor_frame(frame, "gradient", grad)
+            return
+        if frame.labels:
+            raise wire.WireError("labels may only be sent when the loss is computed on the cloud (edge_tail = 0)")
+        out = self.stage.forward(index, x, input_grad=self.head_trains)
+        yield self._tensor_frame(frame, "activation", out)
+
+    def _on_gradient(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
+        if self.loss_on_cloud or not self.middle_trains:
+            raise wire.WireError("no gradient frames are expected: the cloud layers do not train from the edge")
+        index = self._micro_batch(frame, self._gradients, "gradient")
+        if index not in self._activations:
+            raise wire.WireError(f"gradient for micro-batch {index} arrived before its activation")
+        grad_out = wire.decode_tensor(
+            frame.gradient, sample_shape=self.downlink_shape, max_batch=self.max_batch,
+            what="gradient", clock=self.clock,
+        )
+        self._gradients.add(index)
+        start = time.perf_counter()
+        grad = self.stage.backward(index, grad_out)
+        self._backward_seconds += time.perf_counter() - start
+        if grad is not None:
+            yield self._tensor_frame(frame, "gradient", grad)
+
+    def _tensor_frame(self, frame: pb.StepFrame, kind: str, tensor: torch.Tensor) -> pb.StepFrame:
+        codec = self.config.link.gradients if kind == "gradient" else self.config.link.downlink
+        message = wire.encode_tensor(tensor, codec, kind, clock=self.clock)
+        return pb.StepFrame(session=self.id, step=frame.step, micro_batch=frame.micro_batch, **{kind: message})
+
+    def _on_end(self, frame: pb.StepFrame) -> pb.StepFrame:
+        chunks = self._begin.chunks
+        expected_gradients = 0 if self.loss_on_cloud or not self.middle_trains else chunks
+        if len(self._activations) != chunks or len(self._gradients) != expected_gradients:
+            raise _out_of_order(
+                f"step {frame.step} ended after {len(self._activations)}/{chunks} activations and "
+                f"{len(self._gradients)}/{expected_gradients} gradients"
+            )
+        edge_stats = wire.stats_from_message(frame.end.stats, num_layers=self.num_layers)
+        self.optimizer.step()
+        own = self.statistics.collect(epoch_end=frame.end.epoch_end)
+        stats = StepStats(
+            step=frame.step,
+            epoch=self._begin.epoch,
+            epoch_end=frame.end.epoch_end,
+            lr=self._begin.lr,
+            layers=tuple(sorted(edge_stats + own, key=lambda s: s.index)),
+        )
+        self.decision = self.policy.decide(stats)
+        self._apply(self.decision)
+        encode_seconds, decode_seconds = self.clock.take()
+        done = pb.StepDone(
+            decision=wire.decision_to_message(self.decision),
+            loss=self._loss,
+            encode_seconds=encode_seconds,
+            decode_seconds=decode_seconds,
+            backward_seconds=self._backward_seconds,
+        )
+        self.next_step += 1
+        self._reset_step()
+        return pb.StepFrame(session=self.id, step=frame.step, done=done)
+
+    @property
+    def in_step(self) -> bool:
+        """Whether a step has begun and not ended."""
+        return self._begin is not None
+
+    # -- evaluation and weights ----------------------------------------------------------
+
+    def evaluate(self, frame: pb.EvalFrame) -> pb.EvalFrame:
+        """Forward-only pass of one evaluation batch."""
+        self.last_used = time.monotonic()
+        x = wire.decode_tensor(
+            frame.activation, sample_shape=self.uplink_shape, max_batch=self.max_batch, what="evaluation activation"
+        )
+        out = self.stage.evaluate(x)
+        message = wire.encode_tensor(out, self.config.link.downlink, "activation")
+        return pb.EvalFrame(session=self.id, batch=frame.batch, activation=message)
+
+    def weights(self) -> Iterator[pb.NamedTensor]:
+        """The middle's state dict, entry by entry, as raw tensors."""
+        for name, tensor in self.stage.layers.state_dict().items():
+            yield pb.NamedTensor(name=name, tensor=wire.raw_to_message(tensor))

@@ -1,0 +1,232 @@
+"""The partition configuration file: schema, defaults, validation and clear errors."""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "LinkSection",
+    "ModelSection",
+    "PartitionSection",
+    "SkipSection",
+    "TrainSection",
+    "load_config",
+    "parse_config",
+]
+
+#: Codec names the configuration accepts; pipeline.codecs is the registry that implements them
+#: and a test keeps the two in step.
+ACTIVATION_CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
+GRADIENT_CODECS = ACTIVATION_CODECS + ("int8-sr",)
+
+#: The largest gRPC message the configuration may ask for.  Larger cut tensors mean the
+#: micro-batch is too big: raise partition.chunks instead.
+MAX_MESSAGE_MIB = 1024
+
+
+class ConfigError(ValueError):
+    """The configuration file is invalid; the message names the key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ModelSection(_Section):
+    """`[model]`: which network to build and how to initialise it."""
+
+    name: str = "tinycnn"
+    num_classes: int = Field(10, ge=2)
+    input_shape: tuple[int, int, int] = (3, 32, 32)
+    width: float = Field(1.0, gt=0.0, le=4.0)
+    seed: int = 0
+
+    @field_validator("input_shape", mode="before")
+    @classmethod
+    def _shape_from_list(cls, value: Any) -> Any:
+        # TOML has arrays, not tuples.
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive_shape(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(d <= 0 for d in value):
+            raise ValueError("every dimension of input_shape must be positive, e.g. [3, 32, 32]")
+        return value
+
+
+class PartitionSection(_Section):
+    """`[partition]`: where the model is cut and how a mini-batch is split."""
+
+    edge_head: int = Field(2, ge=0)
+    edge_tail: int = Field(1, ge=0)
+    chunks: int = Field(4, ge=1, le=256)
+
+
+class LinkSection(_Section):
+    """`[link]`: how tensors are encoded on the link and how large a message may be."""
+
+    uplink: Literal[ACTIVATION_CODECS] = "fp32"  # type: ignore[valid-type]
+    downlink: Literal[ACTIVATION_CODECS] = "fp32"  # type: ignore[valid-type]
+    gradients: Literal[GRADIENT_CODECS] = "fp32"  # type: ignore[valid-type]
+    max_message_mib: int = Field(64, ge=1, le=MAX_MESSAGE_MIB)
+    timeout_seconds: float = Field(120.0, gt=0)
+
+
+SkipPolicyName = Literal["none", "manual", "cac-auto", "lars", "norm-ema", "schedule"]
+
+#: Which `[skip]` keys each policy reads; a key set for a policy that ignores it is an error,
+#: because a silently ignored knob is worse than none.
+_POLICY_KEYS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "manual": frozenset({"stop_layers", "stop_steps", "braking_distance"}),
+    "cac-auto": frozenset(
+        {"start_step", "start_thr", "mt_count_thr", "mt_thr", "slope_thr", "samples", "braking_distance"}
+    ),
+    "lars": frozenset({"alpha", "full_every"}),
+    "norm-ema": frozenset({"alpha", "shift", "ema"}),
+    "schedule": frozenset({"schedule", "c1", "c2"}),
+}
+_COMMON_SKIP_KEYS = frozenset({"policy", "max_boundary", "prefix"})
+
+
+class SkipSection(_Section):
+    """`[skip]`: the skip controller's policy and its parameters."""
+
+    policy: SkipPolicyName = "none"
+    max_boundary: int | None = Field(None, ge=0)
+    prefix: Literal["freeze", "local"] = "freeze"
+    # manual
+    stop_layers: list[int] = Field(default_factory=list)
+    stop_steps: list[int] = Field(default_factory=list)
+    # cac-auto (defaults are CAC Gradient-Skip's)
+    start_step: int = Field(5000, ge=0)
+    start_thr: float = Field(0.95, gt=0.0)
+    mt_count_thr: int = Field(5, ge=0)
+    mt_thr: float = Field(0.96, gt=0.0)
+    slope_thr: float = Field(0.98, gt=0.0)
+    samples: int = Field(200, ge=1)
+    braking_distance: int = Field(0, ge=0)
+    # lars (alpha default 2) and norm-ema (alpha default 0.3)
+    alpha: float | None = Field(None, gt=0.0)
+    full_every: int | None = Field(None, ge=1)
+    shift: int | None = Field(None, ge=1)
+    ema: float = Field(0.9, ge=0.0, lt=1.0)
+    # schedule
+    schedule: Literal["linear", "quadratic", "exponential"] = "quadratic"
+    c1: int | None = Field(None, ge=0)
+    c2: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _keys_fit_policy(self) -> SkipSection:
+        allowed = _POLICY_KEYS[self.policy] | _COMMON_SKIP_KEYS
+        stray = sorted(self.model_fields_set - allowed)
+        if stray:
+            raise ValueError(
+                f"key(s) {', '.join(stray)} are not used by policy {self.policy!r}; "
+                f"it reads: {', '.join(sorted(allowed)) or 'nothing'}"
+            )
+        if len(self.stop_layers) != len(self.stop_steps):
+            raise ValueError("stop_layers and stop_steps must have the same length")
+        if any(s < 0 for s in self.stop_steps) or any(layer < 0 for layer in self.stop_layers):
+            raise ValueError("stop_layers and stop_steps must be non-negative")
+        return self
+
+
+class TrainSection(_Section):
+    """`[train]`: data, optimiser and length of the run (read by the edge, agreed with the cloud)."""
+
+    dataset: str = "digits"
+    batch_size: int = Field(64, ge=1, le=65536)
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float = Field(0.05, gt=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    eval_batch_size: int | None = Field(None, ge=1)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value in ("digits", "synthetic") or value.startswith("cifar10:"):
+            return value
+        raise ValueError('allowed: "digits", "synthetic" or "cifar10:DIR" (the CIFAR-10 binary version)')
+
+
+class Config(_Section):
+    """A whole configuration file."""
+
+    model: ModelSection = Field(default_factory=ModelSection)
+    partition: PartitionSection = Field(default_factory=PartitionSection)
+    link: LinkSection = Field(default_factory=LinkSection)
+    skip: SkipSection = Field(default_factory=SkipSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    @model_validator(mode="after")
+    def _chunks_fit_batch(self) -> Config:
+        if self.partition.chunks > self.train.batch_size:
+            raise ValueError(
+                f"partition.chunks ({self.partition.chunks}) exceeds train.batch_size "
+                f"({self.train.batch_size}): every micro-batch needs at least one sample"
+            )
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """The largest micro-batch any frame may carry (training and evaluation)."""
+        train = -(-self.train.batch_size // self.partition.chunks)
+        return max(train, self.train.eval_batch_size or train)
+
+    def agreed(self) -> dict[str, Any]:
+        """The part of the configuration edge and cloud must share (everything but where data lives)."""
+        data = self.model_dump(mode="json")
+        data["train"].pop("dataset")
+        return data
+
+
+def _describe(error: dict[str, Any], data: dict[str, Any]) -> str:
+    loc = [str(part) for part in error["loc"]]
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent: Any = Config
+        for part in loc[:-1]:
+            parent = parent.model_fields[part].annotation
+        allowed = ", ".join(parent.model_fields)
+        if len(loc) == 1:
+            return f"[{loc[0]}]: unknown section; allowed sections: {allowed}"
+        return f"{'.'.join(loc)}: unknown key; allowed keys in [{loc[0]}]: {allowed}"
+    where = ".".join(loc) if loc else "config"
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and loc and not isinstance(error["input"], dict) and kind != "missing":
+        return f"{where}: {message} (got {error['input']!r})"
+    return f"{where}: {message}"
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> Config:
+    """Validate a configuration given as nested dicts (as read from TOML)."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n  ".join(_describe(e, data) for e in exc.errors())
+        raise ConfigError(f"{source}: invalid configuration:\n  {problems}") from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML configuration file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, str(path))

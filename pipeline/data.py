@@ -1,0 +1,135 @@
+"""Datasets that live on the edge: digits (shipped with scikit-learn), CIFAR-10 binary files, synthetic."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DataError", "Dataset", "load_dataset", "mini_batches"]
+
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2470, 0.2435, 0.2616)
+_CIFAR_RECORD = 1 + 3 * 32 * 32
+
+
+class DataError(ValueError):
+    """A dataset cannot be loaded; the message says what is missing or wrong."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images ``[N, C, H, W]`` (float32) and their labels ``[N]`` (int64)."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _fit_shape(images: torch.Tensor, input_shape: tuple[int, int, int]) -> torch.Tensor:
+    channels, height, width = input_shape
+    if images.shape[-2:] != (height, width):
+        images = F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+    if images.shape[1] != channels:
+        if images.shape[1] != 1:
+            raise DataError(
+                f"dataset images have {images.shape[1]} channels but model.input_shape asks for {channels}"
+            )
+        images = images.expand(-1, channels, -1, -1)
+    return images.contiguous()
+
+
+def _split(inputs: torch.Tensor, labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(len(labels) * val_fraction))
+    val, train = order[:n_val], order[n_val:]
+    return Dataset(inputs[train], labels[train]), Dataset(inputs[val], labels[val])
+
+
+def _digits(input_shape: tuple[int, int, int], val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)
+    images = (images - 0.5) / 0.5
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return _split(_fit_shape(images, input_shape), labels, val_fraction, seed)
+
+
+def _synthetic(
+    input_shape: tuple[int, int, int], num_classes: int, val_fraction: float, seed: int, size: int = 512
+) -> tuple[Dataset, Dataset]:
+    # Class prototypes plus noise: learnable, deterministic, and no files needed.
+    rng = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn((num_classes, *input_shape), generator=rng)
+    labels = torch.randint(0, num_classes, (size,), generator=rng)
+    inputs = prototypes[labels] + 0.5 * torch.randn((size, *input_shape), generator=rng)
+    return _split(inputs, labels, val_fraction, seed)
+
+
+def _read_cifar(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    raw = []
+    for path in files:
+        blob = np.fromfile(path, dtype=np.uint8)
+        if blob.size == 0 or blob.size % _CIFAR_RECORD:
+            raise DataError(f"{path} is not a CIFAR-10 binary batch ({blob.size} bytes is not a multiple of {_CIFAR_RECORD})")
+        raw.append(blob.reshape(-1, _CIFAR_RECORD))
+    records = np.concatenate(raw)
+    labels = torch.from_numpy(records[:, 0].astype(np.int64))
+    images = torch.from_numpy(records[:, 1:].astype(np.float32) / 255.0).view(-1, 3, 32, 32)
+    mean = torch.tensor(_CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(_CIFAR_STD).view(1, 3, 1, 1)
+    return (images - mean) / std, labels
+
+
+def _cifar10(directory: Path, input_shape: tuple[int, int, int]) -> tuple[Dataset, Dataset]:
+    train_files = sorted(directory.glob("data_batch_*.bin"))
+    test_file = directory / "test_batch.bin"
+    if not train_files or not test_file.exists():
+        raise DataError(
+            f"{directory} holds no CIFAR-10 binary version (data_batch_1.bin ... test_batch.bin); "
+            "download and unpack cifar-10-binary.tar.gz there (the pickled python version is not read)"
+        )
+    train_x, train_y = _read_cifar(train_files)
+    test_x, test_y = _read_cifar([test_file])
+    return Dataset(_fit_shape(train_x, input_shape), train_y), Dataset(_fit_shape(test_x, input_shape), test_y)
+
+
+def load_dataset(
+    spec: str, *, input_shape: tuple[int, int, int], num_classes: int, val_fraction: float, seed: int
+) -> tuple[Dataset, Dataset]:
+    """Training and held-out data for ``train.dataset``, shaped to ``model.input_shape``."""
+    if spec == "digits":
+        train, val = _digits(input_shape, val_fraction, seed)
+        needed = 10
+    elif spec == "synthetic":
+        train, val = _synthetic(input_shape, num_classes, val_fraction, seed)
+        needed = num_classes
+    elif spec.startswith("cifar10:"):
+        train, val = _cifar10(Path(spec.removeprefix("cifar10:")).expanduser(), input_shape)
+        needed = 10
+    else:
+        raise DataError(f'unknown dataset {spec!r}: use "digits", "synthetic" or "cifar10:DIR"')
+    if num_classes < needed:
+        raise DataError(f"dataset {spec!r} has {needed} classes but model.num_classes is {num_classes}")
+    return train, val
+
+
+def mini_batches(
+    data: Dataset, batch_size: int, *, shuffle_seed: int | None, drop_last: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches in a deterministic order (``shuffle_seed`` None keeps the stored order)."""
+    n = len(data)
+    if shuffle_seed is None:
+        order = torch.arange(n)
+    else:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed))
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        index = order[start : start + batch_size]
+        yield data.inputs[index], data.labels[index]
