@@ -106,6 +106,7 @@ class CloudSession:
         self._begin: pb.StepBegin | None = None
         self._activations: set[int] = set()
         self._gradients: set[int] = set()
+        self._losses: dict[int, torch.Tensor] = {}
         self._loss = 0.0
         self._backward_seconds = 0.0
 
@@ -177,18 +178,27 @@ class CloudSession:
         if self.loss_on_cloud:
             labels = wire.labels_from_frame(frame, batch=len(x), num_classes=self.config.model.num_classes)
             out = self.stage.forward(index, x, input_grad=self.head_trains)
-            loss = F.cross_entropy(out, labels, reduction="sum") / self._begin.samples
-            self._loss += loss.item()
-            start = time.perf_counter()
-            grad = self.stage.backward(index, loss=loss)
-            self._backward_seconds += time.perf_counter() - start
-            if grad is not None:
-                yield self._tensor_frame(frame, "gradient", grad)
+            self._losses[index] = F.cross_entropy(out, labels, reduction="sum") / self._begin.samples
+            if len(self._losses) == self._begin.chunks:
+                yield from self._backward_losses(frame)
             return
         if frame.labels:
             raise wire.WireError("labels may only be sent when the loss is computed on the cloud (edge_tail = 0)")
         out = self.stage.forward(index, x, input_grad=self.head_trains)
         yield self._tensor_frame(frame, "activation", out)
+
+    def _backward_losses(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
+        # Reverse micro-batch order, as torchgpipe.GPipe accumulates gradients.
+        start = time.perf_counter()
+        for index in reversed(range(self._begin.chunks)):
+            loss = self._losses[index]
+            self._loss += loss.item()
+            grad = self.stage.backward(index, loss=loss)
+            if grad is not None:
+                self._backward_seconds += time.perf_counter() - start
+                yield self._tensor_frame(frame, "gradient", grad, index)
+                start = time.perf_counter()
+        self._backward_seconds += time.perf_counter() - start
 
     def _on_gradient(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
         if self.loss_on_cloud or not self.middle_trains:
@@ -207,10 +217,13 @@ class CloudSession:
         if grad is not None:
             yield self._tensor_frame(frame, "gradient", grad)
 
-    def _tensor_frame(self, frame: pb.StepFrame, kind: str, tensor: torch.Tensor) -> pb.StepFrame:
+    def _tensor_frame(
+        self, frame: pb.StepFrame, kind: str, tensor: torch.Tensor, index: int | None = None
+    ) -> pb.StepFrame:
         codec = self.config.link.gradients if kind == "gradient" else self.config.link.downlink
         message = wire.encode_tensor(tensor, codec, kind, clock=self.clock)
-        return pb.StepFrame(session=self.id, step=frame.step, micro_batch=frame.micro_batch, **{kind: message})
+        index = frame.micro_batch if index is None else index
+        return pb.StepFrame(session=self.id, step=frame.step, micro_batch=index, **{kind: message})
 
     def _on_end(self, frame: pb.StepFrame) -> pb.StepFrame:
         chunks = self._begin.chunks

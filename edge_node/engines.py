@@ -78,19 +78,17 @@ class LocalEngine:
         self.stage.boundary = decision.boundary
 
     def step(self, step: int, epoch: int, lr: float, x: torch.Tensor, y: torch.Tensor, epoch_end: bool) -> StepResult:
-        """Forward and backward every micro-batch, then one optimizer step and a skip decision."""
+        """Forward every micro-batch, backward them in reverse (GPipe's order), step, decide."""
         self.optimizer.zero_grad(set_to_none=True)
         set_learning_rate(self.optimizer, lr)
         self.stage.begin_step()
-        total = 0.0
-        backward = 0.0
-        for index, (xi, yi) in enumerate(_micro_batches(x, y, self.config.partition.chunks)):
-            out = self.stage.forward(index, xi)
-            loss = _loss(out, yi, len(y))
-            total += loss.item()
-            start = time.perf_counter()
-            self.stage.backward(index, loss=loss)
-            backward += time.perf_counter() - start
+        micro = _micro_batches(x, y, self.config.partition.chunks)
+        losses = [_loss(self.stage.forward(index, xi), yi, len(y)) for index, (xi, yi) in enumerate(micro)]
+        start = time.perf_counter()
+        for index in reversed(range(len(micro))):
+            self.stage.backward(index, loss=losses[index])
+        backward = time.perf_counter() - start
+        total = sum(loss.item() for loss in losses)
         self.optimizer.step()
         stats = StepStats(step, epoch, epoch_end, lr, tuple(self.statistics.collect(epoch_end=epoch_end)))
         self.decision = self.policy.decide(stats)
@@ -144,6 +142,17 @@ class SplitEngine:
     def _frame(self, step: int, index: int = 0, **body: object) -> pb.StepFrame:
         return pb.StepFrame(session=self.link.session, step=step, micro_batch=index, **body)
 
+    @staticmethod
+    def _check_reply(frame: pb.StepFrame, step: int, kind: str, sent: int, seen: object) -> int:
+        index = frame.micro_batch
+        body = frame.WhichOneof("body")
+        if frame.step != step or body != kind or not 0 <= index < sent or index in seen:
+            raise LinkError(
+                f"unexpected {body!r} frame from the cloud (step {frame.step}, micro-batch {index}) "
+                f"while waiting for {kind} frames of step {step}"
+            )
+        return index
+
     def step(self, step: int, epoch: int, lr: float, x: torch.Tensor, y: torch.Tensor, epoch_end: bool) -> StepResult:
         """Stream the micro-batches through the cloud, then step both sides' optimizers."""
         boundary = self.decision.boundary
@@ -165,14 +174,12 @@ class SplitEngine:
             call.send(
                 self._frame(step, begin=pb.StepBegin(epoch=epoch, lr=lr, chunks=chunks, boundary=boundary, samples=samples))
             )
-            expect_outputs = 0 if loss_on_cloud else chunks
             expect_gradients = chunks if head_trains else 0
-            sent = outputs = gradients = 0
-            total = 0.0
-            backward = 0.0
-            while sent < chunks or outputs < expect_outputs or gradients < expect_gradients:
-                # Prefer what the cloud sent back (it unblocks the cloud's next work), else
-                # push the next micro-batch up: micro-batch i+1 goes out before i returns.
+            sent = gradients = 0
+            losses: dict[int, torch.Tensor] = {}
+            # Forward phase: micro-batch i+1 goes up before i comes back; outputs coming back
+            # go through the tail as they arrive.
+            while sent < chunks or len(losses) < (0 if loss_on_cloud else chunks):
                 frame = call.poll() if sent < chunks else call.receive()
                 if frame is None:
                     xi, yi = micro[sent]
@@ -182,36 +189,37 @@ class SplitEngine:
                     call.send(self._frame(step, sent, activation=message, labels=labels))
                     sent += 1
                     continue
-                kind = frame.WhichOneof("body")
-                index = frame.micro_batch
-                if frame.step != step or not 0 <= index < sent:
-                    raise LinkError(f"the cloud answered for step {frame.step} micro-batch {index} during step {step}")
-                if kind == "activation" and not loss_on_cloud:
-                    z = wire.decode_tensor(
-                        frame.activation, sample_shape=self.downlink_shape, max_batch=self.max_batch,
-                        what="downlink activation", clock=self.clock,
-                    )
-                    out = self.tail.forward(index, z, input_grad=middle_trains)
-                    loss = _loss(out, micro[index][1], samples)
-                    total += loss.item()
-                    start = time.perf_counter()
-                    grad = self.tail.backward(index, loss=loss)
-                    backward += time.perf_counter() - start
-                    if middle_trains:
-                        message = wire.encode_tensor(grad, codec.gradients, "gradient", clock=self.clock)
-                        call.send(self._frame(step, index, gradient=message))
-                    outputs += 1
-                elif kind == "gradient" and head_trains:
-                    grad = wire.decode_tensor(
-                        frame.gradient, sample_shape=self.uplink_shape, max_batch=self.max_batch,
-                        what="downlink gradient", clock=self.clock,
-                    )
-                    start = time.perf_counter()
-                    self.head.backward(index, grad)
-                    backward += time.perf_counter() - start
-                    gradients += 1
-                else:
-                    raise LinkError(f"unexpected {kind!r} frame from the cloud in step {step}")
+                index = self._check_reply(frame, step, "activation", sent, losses)
+                z = wire.decode_tensor(
+                    frame.activation, sample_shape=self.downlink_shape, max_batch=self.max_batch,
+                    what="downlink activation", clock=self.clock,
+                )
+                out = self.tail.forward(index, z, input_grad=middle_trains)
+                losses[index] = _loss(out, micro[index][1], samples)
+            # Backward phase, in reverse micro-batch order as torchgpipe.GPipe runs it, so that
+            # gradients accumulate in the same order and the result is bit-identical.
+            backward = 0.0
+            for index in reversed(sorted(losses)):
+                start = time.perf_counter()
+                grad = self.tail.backward(index, loss=losses[index])
+                backward += time.perf_counter() - start
+                if middle_trains:
+                    message = wire.encode_tensor(grad, codec.gradients, "gradient", clock=self.clock)
+                    call.send(self._frame(step, index, gradient=message))
+            done_gradients: set[int] = set()
+            while gradients < expect_gradients:
+                frame = call.receive()
+                index = self._check_reply(frame, step, "gradient", sent, done_gradients)
+                grad = wire.decode_tensor(
+                    frame.gradient, sample_shape=self.uplink_shape, max_batch=self.max_batch,
+                    what="downlink gradient", clock=self.clock,
+                )
+                start = time.perf_counter()
+                self.head.backward(index, grad)
+                backward += time.perf_counter() - start
+                done_gradients.add(index)
+                gradients += 1
+            total = sum(loss.item() for loss in losses.values())
 
             for optimizer in self._optimizers:
                 optimizer.step()

@@ -15,7 +15,7 @@ from edge_node.engines import LocalEngine, SplitEngine, StepResult
 from edge_node.link import CloudLink
 from pipeline.checkpoint import save_json, save_state
 from pipeline.config import Config
-from pipeline.data import DataError, Dataset, load_dataset, mini_batches
+from pipeline.data import DataError, Dataset, load_dataset, mini_batches, training_batches
 from pipeline.models import build_model
 from pipeline.optim import learning_rate
 from pipeline.partition import make_cuts
@@ -157,9 +157,7 @@ def train(
             for epoch in range(epochs):
                 if step >= total_steps:
                     break
-                batches = mini_batches(
-                    train_data, config.train.batch_size, shuffle_seed=config.model.seed * 1000 + epoch, drop_last=True
-                )
+                batches = training_batches(train_data, config.train.batch_size, seed=config.model.seed, epoch=epoch)
                 for position, (x, y) in enumerate(batches):
                     if step >= total_steps:
                         break

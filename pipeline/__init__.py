@@ -1,0 +1,1 @@
+"""edgepipe library: configuration, models, partitioning, stages, codecs, wire, skip controller, traffic."""

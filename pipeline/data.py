@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DataError", "Dataset", "load_dataset", "mini_batches"]
+__all__ = ["DataError", "Dataset", "load_dataset", "mini_batches", "training_batches"]
 
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -133,3 +133,11 @@ def mini_batches(
     for start in range(0, stop, batch_size):
         index = order[start : start + batch_size]
         yield data.inputs[index], data.labels[index]
+
+
+def training_batches(data: Dataset, batch_size: int, *, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The mini-batches of one training epoch: reshuffled per epoch, the incomplete last one dropped.
+
+    Every run of the same configuration (split, ``--local``, or a reference) sees this order.
+    """
+    return mini_batches(data, batch_size, shuffle_seed=seed * 1000 + epoch, drop_last=True)

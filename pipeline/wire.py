@@ -139,7 +139,7 @@ def raw_to_message(tensor: torch.Tensor) -> pb.Tensor:
     tensor = tensor.detach().contiguous()
     if tensor.dtype not in _RAW_NAMES:
         raise WireError(f"weights of type {tensor.dtype} cannot travel; allowed: {', '.join(_RAW_DTYPES)}")
-    data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
     return pb.Tensor(shape=tensor.shape, codec="raw", dtype=_RAW_NAMES[tensor.dtype], data=data)
 
 

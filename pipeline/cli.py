@@ -1,0 +1,114 @@
+"""The ``edgepipe`` command: the demo, the partition table and the traffic report."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _partition_show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pipeline.config import load_config
+    from pipeline.models import build_model
+    from pipeline.partition import make_cuts, profile, render_partition_table
+
+    config = load_config(args.file)
+    model = build_model(
+        config.model.name,
+        num_classes=config.model.num_classes,
+        input_shape=config.model.input_shape,
+        width=config.model.width,
+        seed=config.model.seed,
+    )
+    cuts = make_cuts(len(model), config.partition.edge_head, config.partition.edge_tail)
+    table = render_partition_table(profile(model, config.model.input_shape, cuts), cuts, input_shape=config.model.input_shape)
+    Console(width=max(160, Console().width)).print(table)
+    return 0
+
+
+def _traffic(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from pipeline.report import load_run, plot_traffic, render_report
+
+    run = load_run(args.run_dir)
+    console = Console(highlight=False)
+    for renderable in render_report(run):
+        console.print(renderable)
+    if args.plot:
+        plot_traffic(run, args.plot)
+        console.print(f"wrote {args.plot}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    return run_demo(Path(args.run_dir), epochs=args.epochs)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgepipe",
+        description="Pipeline-parallel edge/cloud CNN training. Servers and workers are "
+        "edgepipe-cloud and edgepipe-edge; this command runs the demo and inspects configs and runs.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="train the built-in example split across a local cloud server and edge worker",
+        description="Start edgepipe-cloud and edgepipe-edge on 127.0.0.1 with a built-in configuration "
+        "(MobileNetV2 on the digits, split 2 + 1 layers on the edge, 4 micro-batches), train, and print "
+        "the validation accuracy per epoch and the link traffic. No download, no GPU.",
+    )
+    demo.add_argument("--epochs", type=int, default=None, help="epochs to train (default: the demo config's 6)")
+    demo.add_argument("--run-dir", default="runs/demo", help="where config.toml, metrics.jsonl, summary.json and model.pt go (default %(default)s)")
+    demo.set_defaults(run=_demo)
+
+    partition = commands.add_parser("partition", help="inspect how a configuration splits its model")
+    partition_commands = partition.add_subparsers(dest="partition_command", required=True, metavar="ACTION")
+    show = partition_commands.add_parser(
+        "show",
+        help="print the layer table with the edge/cloud cuts",
+        description="Print index, name, parameters, FLOPs, output bytes per sample and placement of every "
+        "layer, and what crosses the link at each cut.",
+    )
+    show.add_argument("file", help="configuration file (TOML)")
+    show.set_defaults(run=_partition_show)
+
+    traffic = commands.add_parser(
+        "traffic",
+        help="print a run's link traffic per epoch and kind",
+        description="Read RUN_DIR/metrics.jsonl and summary.json (an edge --run-dir) and print the traffic "
+        "per direction, kind and epoch, the freeze events and what they saved.",
+    )
+    traffic.add_argument("run_dir", metavar="RUN_DIR", help="an edge run directory")
+    traffic.add_argument("--plot", metavar="FILE.png", help="also draw bytes per step and cumulative bytes")
+    traffic.set_defaults(run=_traffic)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``edgepipe``."""
+    from pipeline.config import ConfigError
+    from pipeline.data import DataError
+    from pipeline.models import ModelError
+    from pipeline.partition import PartitionError
+    from pipeline.report import ReportError
+
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, ModelError, PartitionError, DataError, ReportError, RuntimeError, OSError) as exc:
+        print(f"edgepipe: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
