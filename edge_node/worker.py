@@ -180,9 +180,7 @@ def train(
                 before = meter.snapshot()
                 val_loss, val_accuracy = _evaluate(engine, val_data, eval_batch)
                 eval_traffic = (meter.snapshot() - before).to_json()
-                _write(metrics, {"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_accuracy,
-                                 "uplink_bytes": eval_traffic["uplink_bytes"],
-                                 "downlink_bytes": eval_traffic["downlink_bytes"]})
+                _write(metrics, {"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_accuracy, **eval_traffic})
                 link = meter.snapshot()
                 bar.epoch(
                     f"epoch {epoch + 1}/{epochs}: val_loss {val_loss:.4f}  val_accuracy {val_accuracy:.4f}  "
@@ -202,7 +200,7 @@ def train(
         "traffic": meter.snapshot().to_json(),
         "freeze_events": freeze_events,
         **{key: round(value, 6) for key, value in totals.items()},
-        "config": config.model_dump(mode="json"),
+        "config": config.to_dict(),
     }
     save_json(summary, run_dir / "summary.json")
     return summary

@@ -184,9 +184,19 @@ class Config(_Section):
         train = -(-self.train.batch_size // self.partition.chunks)
         return max(train, self.train.eval_batch_size or train)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, defaults filled in, in a form :func:`parse_config` reads back.
+
+        ``[skip]`` keeps only the keys its policy reads.
+        """
+        data = self.model_dump(mode="json")
+        used = _POLICY_KEYS[self.skip.policy] | _COMMON_SKIP_KEYS
+        data["skip"] = {k: v for k, v in data["skip"].items() if k in used}
+        return data
+
     def agreed(self) -> dict[str, Any]:
         """The part of the configuration edge and cloud must share (everything but where data lives)."""
-        data = self.model_dump(mode="json")
+        data = self.to_dict()
         data["train"].pop("dataset")
         return data
 

@@ -39,7 +39,6 @@ _COUNTERS = ("uplink_bytes", "downlink_bytes", "messages")
 # shape, codec name): 55-58 bytes measured on tinycnn frames, rounded up.  Quantization scales
 # (a few bytes per channel) are not counted: this is an estimate for runs that froze at step 0.
 _FRAME_OVERHEAD_BYTES = 64
-_UNSET = object()
 _SHORT_KIND = {"activation": "act", "gradient": "grad", "control": "ctrl"}
 
 
@@ -384,16 +383,8 @@ def _config(run: Run) -> Config:
     config = run.summary.get("config")
     if not isinstance(config, dict):
         raise ReportError(f"{summary_path}: expected a \"config\" object (the run's configuration sections)")
-    # summary.json holds every key with its default filled in, but [skip] refuses keys its policy
-    # does not read even at their defaults; leaving the default-valued keys out reads it back.
-    defaults = Config().model_dump(mode="json")
-    explicit = {
-        name: {k: v for k, v in section.items() if defaults.get(name, {}).get(k, _UNSET) != v}
-        if isinstance(section, dict) else section
-        for name, section in config.items()
-    }
     try:
-        return parse_config(explicit, f"{summary_path} config")
+        return parse_config(config, f"{summary_path} config")
     except ConfigError as exc:
         raise ReportError(str(exc)) from None
 
