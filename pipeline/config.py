@@ -131,6 +131,11 @@ class SkipSection(_Section):
                 f"key(s) {', '.join(stray)} are not used by policy {self.policy!r}; "
                 f"it reads: {', '.join(sorted(allowed)) or 'nothing'}"
             )
+        if self.prefix == "local":
+            raise ValueError(
+                'prefix = "local" (localized learning of the frozen prefix) is not available yet; '
+                'use "freeze"'
+            )
         if len(self.stop_layers) != len(self.stop_steps):
             raise ValueError("stop_layers and stop_steps must have the same length")
         if any(s < 0 for s in self.stop_steps) or any(layer < 0 for layer in self.stop_layers):
