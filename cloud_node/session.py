@@ -81,6 +81,8 @@ class CloudSession:
         self.lock = threading.Lock()
         self.last_used = time.monotonic()
         self.clock = wire.CodecClock()
+        # Stochastic rounding draws from its own seeded generator: runs repeat exactly.
+        self.rounding = torch.Generator().manual_seed(config.model.seed + 2)
         self._reset_step()
 
     # -- the freeze boundary -------------------------------------------------------------
@@ -221,7 +223,7 @@ class CloudSession:
         self, frame: pb.StepFrame, kind: str, tensor: torch.Tensor, index: int | None = None
     ) -> pb.StepFrame:
         codec = self.config.link.gradients if kind == "gradient" else self.config.link.downlink
-        message = wire.encode_tensor(tensor, codec, kind, clock=self.clock)
+        message = wire.encode_tensor(tensor, codec, kind, clock=self.clock, generator=self.rounding)
         index = frame.micro_batch if index is None else index
         return pb.StepFrame(session=self.id, step=frame.step, micro_batch=index, **{kind: message})
 

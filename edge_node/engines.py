@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +11,7 @@ from torch import nn
 
 from edge_node.link import CloudLink, LinkError
 from pipeline import wire
+from pipeline.codecs import payload_bytes
 from pipeline.config import Config
 from pipeline.optim import build_optimizer, set_learning_rate
 from pipeline.partition import Cuts, cut_shapes, split
@@ -40,7 +41,8 @@ class StepResult:
     cloud_backward_seconds: float = 0.0
     edge_codec_seconds: tuple[float, float] = (0.0, 0.0)
     cloud_codec_seconds: tuple[float, float] = (0.0, 0.0)
-    extra: dict[str, float] = field(default_factory=dict)
+    #: How many more payload bytes the uplink activations would have taken as fp32.
+    uplink_fp32_extra_bytes: int = 0
 
 
 def _micro_batches(x: torch.Tensor, y: torch.Tensor, chunks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -126,6 +128,8 @@ class SplitEngine:
         self.tail_statistics = LayerStatistics(tail, cuts.middle_stop)
         self.max_batch = config.micro_batch_size
         self.clock = wire.CodecClock()
+        # Stochastic rounding draws from its own seeded generator: runs repeat exactly.
+        self.rounding = torch.Generator().manual_seed(config.model.seed + 1)
         self.decision = link.open(edge_name)
         self._apply(self.decision)
 
@@ -175,7 +179,7 @@ class SplitEngine:
                 self._frame(step, begin=pb.StepBegin(epoch=epoch, lr=lr, chunks=chunks, boundary=boundary, samples=samples))
             )
             expect_gradients = chunks if head_trains else 0
-            sent = gradients = 0
+            sent = gradients = fp32_extra = 0
             losses: dict[int, torch.Tensor] = {}
             # Forward phase: micro-batch i+1 goes up before i comes back; outputs coming back
             # go through the tail as they arrive.
@@ -185,6 +189,7 @@ class SplitEngine:
                     xi, yi = micro[sent]
                     activation = self.head.forward(sent, xi)
                     message = wire.encode_tensor(activation, codec.uplink, "activation", clock=self.clock)
+                    fp32_extra += 4 * activation.numel() - payload_bytes(codec.uplink, tuple(activation.shape))
                     labels = yi.tolist() if loss_on_cloud else []
                     call.send(self._frame(step, sent, activation=message, labels=labels))
                     sent += 1
@@ -204,7 +209,9 @@ class SplitEngine:
                 grad = self.tail.backward(index, loss=losses[index])
                 backward += time.perf_counter() - start
                 if middle_trains:
-                    message = wire.encode_tensor(grad, codec.gradients, "gradient", clock=self.clock)
+                    message = wire.encode_tensor(
+                        grad, codec.gradients, "gradient", clock=self.clock, generator=self.rounding
+                    )
                     call.send(self._frame(step, index, gradient=message))
             done_gradients: set[int] = set()
             while gradients < expect_gradients:
@@ -245,6 +252,7 @@ class SplitEngine:
             cloud_backward_seconds=done.backward_seconds,
             edge_codec_seconds=self.clock.take(),
             cloud_codec_seconds=(done.encode_seconds, done.decode_seconds),
+            uplink_fp32_extra_bytes=fp32_extra,
         )
 
     def evaluate_many(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:

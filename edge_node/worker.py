@@ -44,6 +44,7 @@ def _step_line(
         "edge_decode_seconds": result.edge_codec_seconds[1],
         "cloud_encode_seconds": result.cloud_codec_seconds[0],
         "cloud_decode_seconds": result.cloud_codec_seconds[1],
+        "uplink_activation_fp32_bytes": counts["by_kind"]["activation"]["uplink_bytes"] + result.uplink_fp32_extra_bytes,
         "edge_backward_seconds": result.edge_backward_seconds,
         "cloud_backward_seconds": result.cloud_backward_seconds,
     }
@@ -149,7 +150,7 @@ def train(
         freeze_events.append({"step": 0, "boundary": boundary})
     val_accuracy = math.nan
     step = 0
-    totals = {"edge_backward_seconds": 0.0, "cloud_backward_seconds": 0.0, "edge_encode_seconds": 0.0,
+    totals = {"uplink_activation_fp32_bytes": 0, "edge_backward_seconds": 0.0, "cloud_backward_seconds": 0.0, "edge_encode_seconds": 0.0,
               "edge_decode_seconds": 0.0, "cloud_encode_seconds": 0.0, "cloud_decode_seconds": 0.0}
     metrics_path = run_dir / "metrics.jsonl"
     try:
@@ -199,7 +200,7 @@ def train(
         "final_val_accuracy": val_accuracy,
         "traffic": meter.snapshot().to_json(),
         "freeze_events": freeze_events,
-        **{key: round(value, 6) for key, value in totals.items()},
+        **{key: round(value, 6) if isinstance(value, float) else value for key, value in totals.items()},
         "config": config.to_dict(),
     }
     save_json(summary, run_dir / "summary.json")

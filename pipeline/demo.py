@@ -30,7 +30,7 @@ edge_tail = 1
 chunks = 4
 
 [link]
-uplink = "fp32"
+uplink = "int8"
 downlink = "fp32"
 gradients = "fp32"
 

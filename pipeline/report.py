@@ -454,6 +454,9 @@ def render_report(run: Run) -> list[RenderableType]:
             parts.append(Text("freeze savings need summary.json, which is written when training ends"))
         else:
             parts.append(_savings_table(freeze_savings(run)))
+    codec_line = _uplink_codec_line(run)
+    if codec_line:
+        parts.append(Text(codec_line))
     parts.append(
         Text(
             f"link total: {total.uplink_bytes / _MIB:.2f} MiB up, "
@@ -461,6 +464,20 @@ def render_report(run: Run) -> list[RenderableType]:
         )
     )
     return parts
+
+
+def _uplink_codec_line(run: Run) -> str | None:
+    """Training uplink activations as sent against what fp32 would have cost (split runs)."""
+    steps = [line for line in run.steps if "uplink_activation_fp32_bytes" in line]
+    sent = sum(line["by_kind"]["activation"]["uplink_bytes"] for line in steps)
+    fp32 = sum(line["uplink_activation_fp32_bytes"] for line in steps)
+    if not sent or not fp32:
+        return None
+    codec = run.summary["config"]["link"]["uplink"] if run.summary else "the configured codec"
+    return (
+        f"uplink activations (training): {sent / _MIB:.2f} MiB as {codec}, "
+        f"{fp32 / _MIB:.2f} MiB as fp32 would have cost: {sent / fp32:.3f} of fp32"
+    )
 
 
 # Per-step series of the plot: (label, direction or None for both, kind, line style).  Equal

@@ -1,0 +1,465 @@
+"""Bad input over real gRPC on 127.0.0.1: every refusal has the right status and says why,
+and neither the session that got the bad frame nor any other session is harmed by it."""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from edge_node.__main__ import main as edge_main
+from edge_node.link import LinkError
+from edge_node.worker import train
+from pipeline import wire
+from pipeline.config import Config, ConfigError
+from pipeline.handshake import fingerprint
+from pipeline.models import build_model
+from pipeline.partition import cut_shapes, make_cuts
+from protos import edgepipe_pb2 as pb
+from protos import edgepipe_pb2_grpc as pb_grpc
+from tests.conftest import make_config
+
+_MIB = 1 << 20
+_TIMEOUT = 30.0
+# make_config(): tinycnn on [1, 8, 8], edge_head 1, edge_tail 1, 32 samples in 4 micro-batches of 8.
+_SAMPLES, _CHUNKS = 32, 4
+_MICRO = _SAMPLES // _CHUNKS
+
+
+# -- a raw client ----------------------------------------------------------------------------
+
+
+def _model(config: Config) -> torch.nn.Sequential:
+    return build_model(
+        config.model.name,
+        num_classes=config.model.num_classes,
+        input_shape=config.model.input_shape,
+        width=config.model.width,
+        seed=config.model.seed,
+    )
+
+
+def _shapes(config: Config) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    model = _model(config)
+    cuts = make_cuts(len(model), config.partition.edge_head, config.partition.edge_tail)
+    return cut_shapes(model, config.model.input_shape, cuts)
+
+
+class RawClient:
+    """A client that builds every frame itself, so it can build wrong ones."""
+
+    def __init__(self, address: str, config: Config) -> None:
+        self.config = config
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[("grpc.max_send_message_length", 64 * _MIB), ("grpc.max_receive_message_length", 64 * _MIB)],
+        )
+        self.stub = pb_grpc.CloudStub(self.channel)
+        self.uplink, self.downlink = _shapes(config)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def open(self) -> str:
+        request = pb.OpenRequest(
+            fingerprint=fingerprint(self.config, _model(self.config)),
+            config_json=json.dumps(self.config.agreed()),
+            edge_name="raw-test-client",
+        )
+        reply = self.stub.Open(request, timeout=_TIMEOUT)
+        assert reply.session
+        return reply.session
+
+    def step(self, frames: Iterable[pb.StepFrame]) -> list[pb.StepFrame]:
+        return list(self.stub.Step(iter(list(frames)), timeout=_TIMEOUT))
+
+    def weights(self, session: str) -> dict[str, bytes]:
+        entries = list(self.stub.Weights(pb.SessionRef(session=session), timeout=_TIMEOUT))
+        assert entries
+        return {e.name: bytes(e.tensor.data) for e in entries}
+
+    # -- frames --------------------------------------------------------------------------
+
+    def activation(self, n: int = _MICRO, seed: int = 0, codec: str = "fp32") -> pb.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return wire.encode_tensor(torch.randn((n, *self.uplink), generator=g), codec, "activation")
+
+    def gradient(self, n: int = _MICRO, seed: int = 0) -> pb.Tensor:
+        g = torch.Generator().manual_seed(10_000 + seed)
+        return wire.encode_tensor(torch.randn((n, *self.downlink), generator=g) * 1e-2, "fp32", "gradient")
+
+
+def begin(session: str, step: int = 0) -> pb.StepFrame:
+    return pb.StepFrame(
+        session=session,
+        step=step,
+        begin=pb.StepBegin(epoch=0, lr=0.05, chunks=_CHUNKS, boundary=0, samples=_SAMPLES),
+    )
+
+
+def good_step_frames(client: RawClient, session: str, step: int = 0, seed: int = 0) -> list[pb.StepFrame]:
+    """A complete, correct step (edge_tail > 0, head trains): activations, gradients, end."""
+    frames = [begin(session, step)]
+    for i in range(_CHUNKS):
+        frames.append(pb.StepFrame(session=session, step=step, micro_batch=i, activation=client.activation(seed=seed + i)))
+    for i in reversed(range(_CHUNKS)):
+        frames.append(pb.StepFrame(session=session, step=step, micro_batch=i, gradient=client.gradient(seed=seed + i)))
+    frames.append(pb.StepFrame(session=session, step=step, end=pb.StepEnd(epoch_end=False)))
+    return frames
+
+
+def run_good_step(client: RawClient, session: str, step: int = 0, seed: int = 0) -> None:
+    replies = client.step(good_step_frames(client, session, step, seed))
+    kinds = [r.WhichOneof("body") for r in replies]
+    # The cloud answers every activation with its output and every gradient with dL/da
+    # (the head still trains at boundary 0), and ends with done.
+    assert kinds.count("activation") == _CHUNKS
+    assert kinds.count("gradient") == _CHUNKS
+    assert kinds[-1] == "done"
+    assert all(r.step == step and r.session == session for r in replies)
+    for r in replies:
+        if r.WhichOneof("body") == "activation":
+            assert list(r.activation.shape) == [_MICRO, *client.downlink]
+        elif r.WhichOneof("body") == "gradient":
+            assert list(r.gradient.shape) == [_MICRO, *client.uplink]
+
+
+def expect_status(call: Callable[[], object], code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, f"expected {code.name}, got {info.value.code().name}: {info.value.details()}"
+    return info.value.details()
+
+
+@pytest.fixture
+def setup(cloud: Callable[[Config], str]):
+    config = make_config()
+    address = cloud(config)
+    client = RawClient(address, config)
+    yield config, address, client
+    client.close()
+
+
+# -- different configurations ----------------------------------------------------------------
+
+
+def test_worker_with_a_different_partition_is_refused(cloud, tmp_path: Path) -> None:
+    address = cloud(make_config())
+    edge_config = make_config(partition={"edge_head": 2})
+    with pytest.raises(LinkError) as info:
+        train(edge_config, run_dir=tmp_path / "run", cloud=address, max_steps=2, progress=False)
+    message = str(info.value)
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "FAILED_PRECONDITION" in message
+    assert "partition.edge_head" in message
+    assert "edge 2" in message and "cloud 1" in message
+    # Only what differs is named.
+    assert "partition.edge_tail" not in message and "model.name" not in message
+    assert "\n" not in message
+
+
+_TOML = """
+[model]
+name = "tinycnn"
+input_shape = [1, 8, 8]
+num_classes = 10
+seed = 0
+
+[partition]
+edge_head = {edge_head}
+edge_tail = 1
+chunks = 4
+
+[train]
+dataset = "synthetic"
+batch_size = 32
+epochs = 1
+lr = 0.05
+"""
+
+
+def test_edge_cli_with_a_different_config_exits_with_one_line(cloud, tmp_path: Path, capsys) -> None:
+    from pipeline.config import load_config
+
+    cloud_file = tmp_path / "cloud.toml"
+    edge_file = tmp_path / "edge.toml"
+    cloud_file.write_text(_TOML.format(edge_head=1))
+    edge_file.write_text(_TOML.format(edge_head=2))
+    address = cloud(load_config(cloud_file))
+    capsys.readouterr()
+    code = edge_main(
+        ["--config", str(edge_file), "--cloud", address, "--run-dir", str(tmp_path / "run"),
+         "--max-steps", "2", "--no-progress"]
+    )
+    err = capsys.readouterr().err
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected a one-line reason, got:\n{err}"
+    assert "partition.edge_head" in lines[0]
+    assert "FAILED_PRECONDITION" in lines[0]
+
+
+# -- malformed frames --------------------------------------------------------------------------
+
+
+def _wrong_shape(client: RawClient) -> pb.StepFrame:
+    good = client.activation()
+    bad = pb.Tensor()
+    bad.CopyFrom(good)
+    del bad.shape[:]
+    bad.shape.extend([_MICRO, client.uplink[0] - 1, *client.uplink[1:]])
+    return pb.StepFrame(micro_batch=0, activation=bad)
+
+
+def _wrong_length(client: RawClient) -> pb.StepFrame:
+    bad = pb.Tensor()
+    bad.CopyFrom(client.activation())
+    bad.data = bad.data[:-4]
+    return pb.StepFrame(micro_batch=0, activation=bad)
+
+
+def _unknown_codec(client: RawClient) -> pb.StepFrame:
+    bad = pb.Tensor()
+    bad.CopyFrom(client.activation())
+    bad.codec = "int9"
+    return pb.StepFrame(micro_batch=0, activation=bad)
+
+
+def _nan_scale(client: RawClient) -> pb.StepFrame:
+    bad = pb.Tensor()
+    bad.CopyFrom(client.activation(codec="int8"))
+    assert len(bad.scale) >= 1
+    bad.scale[0] = math.nan
+    return pb.StepFrame(micro_batch=0, activation=bad)
+
+
+def _too_many_samples(client: RawClient) -> pb.StepFrame:
+    # A consistent tensor (bytes match the shape) with one sample more than a micro-batch holds.
+    return pb.StepFrame(micro_batch=0, activation=client.activation(n=_MICRO + 1))
+
+
+def _labels_with_tail(client: RawClient) -> pb.StepFrame:
+    return pb.StepFrame(micro_batch=0, activation=client.activation(), labels=[1] * _MICRO)
+
+
+def _micro_batch_out_of_range(client: RawClient) -> pb.StepFrame:
+    return pb.StepFrame(micro_batch=_CHUNKS, activation=client.activation())
+
+
+# (frame builder, words the status details must contain)
+MALFORMED = {
+    "wrong-shape": (_wrong_shape, ["shape", "[8, 7, 8, 8]", "[n, 8, 8, 8]"]),
+    "wrong-byte-length": (_wrong_length, ["bytes", str(_MICRO * 8 * 8 * 8 * 4 - 4), str(_MICRO * 8 * 8 * 8 * 4)]),
+    "unknown-codec": (_unknown_codec, ["'int9'", "unknown", "fp32"]),
+    "nan-scale": (_nan_scale, ["scale", "nan", "finite"]),
+    "too-many-samples": (_too_many_samples, [f"{_MICRO + 1} samples", f"1 to {_MICRO}"]),
+    "labels-with-edge-tail": (_labels_with_tail, ["labels", "edge_tail"]),
+    "micro-batch-out-of-range": (_micro_batch_out_of_range, [f"micro-batch {_CHUNKS}", f"has {_CHUNKS}"]),
+}
+
+
+def _send_bad(client: RawClient, session: str, make: Callable[[RawClient], pb.StepFrame]) -> str:
+    frame = make(client)
+    frame.session = session
+    frame.step = 0
+    return expect_status(lambda: client.step([begin(session), frame]), grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_the_shapes_this_file_assumes(setup) -> None:
+    # The expectations in MALFORMED are written for tinycnn [1, 8, 8] cut after layer 1.
+    config, _, client = setup
+    assert client.uplink == (8, 8, 8) and client.downlink == (16,)
+    assert config.micro_batch_size == _MICRO
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_frame_is_invalid_argument_and_harms_nobody(setup, case: str) -> None:
+    _, _, client = setup
+    other = client.open()      # a session that must not notice anything
+    session = client.open()
+    make, words = MALFORMED[case]
+    details = _send_bad(client, session, make)
+    for word in words:
+        assert word in details, f"{word!r} not in {details!r}"
+    # The session is back at step 0, not inside a half-done step: a complete step 0 runs ...
+    run_good_step(client, session, step=0)
+    # ... and so does the next one, and the other session is untouched.
+    run_good_step(client, session, step=1)
+    run_good_step(client, other, step=0)
+
+
+def test_training_works_after_all_bad_frames(setup, tmp_path: Path) -> None:
+    config, address, client = setup
+    session = client.open()
+    for make, _ in MALFORMED.values():
+        _send_bad(client, session, make)
+    summary = train(config, run_dir=tmp_path / "run", cloud=address, max_steps=2, progress=False)
+    assert summary["steps"] == 2
+    assert all(math.isfinite(json.loads(line)["loss"])
+               for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"step"' in line)
+
+
+# -- out of order ------------------------------------------------------------------------------
+
+
+def _wrong_step_number(client: RawClient, session: str) -> list[pb.StepFrame]:
+    return [begin(session), pb.StepFrame(session=session, step=1, micro_batch=0, activation=client.activation())]
+
+
+def _early_end(client: RawClient, session: str) -> list[pb.StepFrame]:
+    return [
+        begin(session),
+        pb.StepFrame(session=session, step=0, micro_batch=0, activation=client.activation()),
+        pb.StepFrame(session=session, step=0, end=pb.StepEnd()),
+    ]
+
+
+def _no_begin(client: RawClient, session: str) -> list[pb.StepFrame]:
+    return [pb.StepFrame(session=session, step=0, micro_batch=0, activation=client.activation())]
+
+
+def _begin_ahead(client: RawClient, session: str) -> list[pb.StepFrame]:
+    return [begin(session, step=1)]
+
+
+OUT_OF_ORDER = {
+    "wrong-step-number": (_wrong_step_number, ["step 1", "step 0"]),
+    "end-before-all-micro-batches": (_early_end, ["1/4 activations"]),
+    "no-begin": (_no_begin, ["begin"]),
+    "begin-of-a-later-step": (_begin_ahead, ["step 1", "step 0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_ORDER))
+def test_out_of_order_frames_are_failed_precondition(setup, case: str) -> None:
+    _, _, client = setup
+    session = client.open()
+    make, words = OUT_OF_ORDER[case]
+    details = expect_status(lambda: client.step(make(client, session)), grpc.StatusCode.FAILED_PRECONDITION)
+    for word in words:
+        assert word in details, f"{word!r} not in {details!r}"
+    run_good_step(client, session, step=0)
+
+
+def test_aborted_step_leaves_counter_and_weights_unchanged(setup) -> None:
+    _, _, client = setup
+    session = client.open()
+    run_good_step(client, session, step=0, seed=100)   # momentum buffers exist from here on
+    before = client.weights(session)
+
+    # A step that gets as far as a full forward and backward of micro-batch 0, then breaks.
+    frames = [
+        begin(session, step=1),
+        pb.StepFrame(session=session, step=1, micro_batch=0, activation=client.activation(seed=1)),
+        pb.StepFrame(session=session, step=1, micro_batch=0, gradient=client.gradient(seed=1)),
+    ]
+    bad = _wrong_length(client)
+    bad.session, bad.step, bad.micro_batch = session, 1, 1
+    expect_status(lambda: client.step(frames + [bad]), grpc.StatusCode.INVALID_ARGUMENT)
+    after = client.weights(session)
+    assert after.keys() == before.keys()
+    assert all(after[name] == before[name] for name in before), "an aborted step changed the cloud's weights"
+
+    # The step counter did not move: step 2 is refused, step 1 is expected.
+    details = expect_status(lambda: client.step([begin(session, step=2)]), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "step 1" in details
+
+    # And the aborted step left nothing behind: the next step gives exactly what a session
+    # that never saw the aborted step gives.
+    twin = client.open()
+    run_good_step(client, twin, step=0, seed=100)
+    assert client.weights(twin) == before
+    run_good_step(client, session, step=1, seed=7)
+    run_good_step(client, twin, step=1, seed=7)
+    trained, reference = client.weights(session), client.weights(twin)
+    assert trained != before, "the step after the abort did not train"
+    assert trained == reference
+
+
+# -- unknown sessions ----------------------------------------------------------------------------
+
+
+def test_unknown_session_is_not_found(setup) -> None:
+    _, _, client = setup
+    client.open()
+    ghost = "no-such-session"
+    calls = {
+        "Step": lambda: client.step([begin(ghost)]),
+        "Evaluate": lambda: list(
+            client.stub.Evaluate(iter([pb.EvalFrame(session=ghost, batch=0, activation=client.activation())]),
+                                 timeout=_TIMEOUT)
+        ),
+        "Weights": lambda: list(client.stub.Weights(pb.SessionRef(session=ghost), timeout=_TIMEOUT)),
+        "Close": lambda: client.stub.Close(pb.SessionRef(session=ghost), timeout=_TIMEOUT),
+    }
+    for name, call in calls.items():
+        details = expect_status(call, grpc.StatusCode.NOT_FOUND)
+        assert ghost in details, f"{name}: {details!r}"
+
+
+def test_closed_session_is_not_found(setup) -> None:
+    _, _, client = setup
+    session = client.open()
+    run_good_step(client, session)
+    client.stub.Close(pb.SessionRef(session=session), timeout=_TIMEOUT)
+    expect_status(lambda: client.step([begin(session, step=1)]), grpc.StatusCode.NOT_FOUND)
+    expect_status(lambda: client.stub.Close(pb.SessionRef(session=session), timeout=_TIMEOUT), grpc.StatusCode.NOT_FOUND)
+
+
+# -- message size bound ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bound_mib", [1, 2])
+def test_message_over_the_bound_is_resource_exhausted(cloud, bound_mib: int, tmp_path: Path) -> None:
+    config = make_config(link={"max_message_mib": bound_mib})
+    address = cloud(config)
+    client = RawClient(address, config)
+    try:
+        other = client.open()
+        session = client.open()
+        # An activation frame about 1 MiB over the bound (never decoded: the transport refuses it).
+        n = (bound_mib + 1) * _MIB // (4 * math.prod(client.uplink))
+        big = pb.Tensor(shape=[n, *client.uplink], codec="fp32", data=bytes(n * 4 * math.prod(client.uplink)))
+        frame = pb.StepFrame(session=session, step=0, micro_batch=0, activation=big)
+        assert frame.ByteSize() > bound_mib * _MIB
+        details = expect_status(lambda: client.step([begin(session), frame]), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert details
+        # The server still serves: the other session, a new one, and a whole training run.
+        run_good_step(client, other, step=0)
+        run_good_step(client, client.open(), step=0)
+        summary = train(config, run_dir=tmp_path / "run", cloud=address, max_steps=2, progress=False)
+        assert summary["steps"] == 2
+    finally:
+        client.close()
+
+
+def test_smallest_bound_is_usable_for_a_small_model() -> None:
+    # A tinycnn micro-batch is 16 KiB: 1 MiB is plenty, and link.max_message_mib = 1 is allowed.
+    config = make_config(link={"max_message_mib": 1})
+    assert wire.message_limit(config, _model(config)) == 1 * _MIB
+
+
+def test_message_limit_refuses_a_config_that_needs_more() -> None:
+    config = make_config(
+        model={"name": "mobilenetv2", "width": 1.0, "input_shape": [3, 32, 32]},
+        partition={"chunks": 1},
+        train={"batch_size": 512},
+        link={"max_message_mib": 1},
+    )
+    with pytest.raises(ConfigError) as info:
+        wire.message_limit(config, _model(config))
+    message = str(info.value)
+    assert "link.max_message_mib" in message
+    assert "partition.chunks" in message  # says what else to change
+    # With room enough the same configuration passes and the limit is the bound.
+    roomy = make_config(
+        model={"name": "mobilenetv2", "width": 1.0, "input_shape": [3, 32, 32]},
+        partition={"chunks": 1},
+        train={"batch_size": 512},
+        link={"max_message_mib": 1024},
+    )
+    assert wire.message_limit(roomy, _model(roomy)) == 1024 * _MIB
