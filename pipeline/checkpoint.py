@@ -5,15 +5,19 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["load_state", "save_json", "save_state"]
+__all__ = ["load_state", "save_json", "save_state", "write_atomically"]
 
 
-def _replace_atomically(path: Path, write: Any) -> None:
-    # Write beside the target and rename: a crash leaves either the old file or the new one.
+def write_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call ``write`` on a file beside ``path``, then rename it over ``path``.
+
+    A crash leaves either the old file or the new one, never half of one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -29,7 +33,7 @@ def _replace_atomically(path: Path, write: Any) -> None:
 
 def save_state(state: dict[str, Any], path: str | Path) -> None:
     """Save a state dict (tensors, numbers, strings, nested dicts) atomically."""
-    _replace_atomically(Path(path), lambda handle: torch.save(state, handle))
+    write_atomically(Path(path), lambda handle: torch.save(state, handle))
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -40,4 +44,4 @@ def load_state(path: str | Path) -> dict[str, Any]:
 def save_json(data: Any, path: str | Path) -> None:
     """Write JSON atomically (indented, for people to read)."""
     blob = (json.dumps(data, indent=2, sort_keys=False) + "\n").encode()
-    _replace_atomically(Path(path), lambda handle: handle.write(blob))
+    write_atomically(Path(path), lambda handle: handle.write(blob))

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 from torch import nn
 
+from pipeline.checkpoint import write_atomically
 from pipeline.codecs import payload_bytes
 from pipeline.config import Config, ConfigError, parse_config
 from pipeline.models import ModelError, build_model
@@ -471,8 +470,8 @@ def _uplink_codec_line(run: Run) -> str | None:
     steps = [line for line in run.steps if "uplink_activation_fp32_bytes" in line]
     sent = sum(line["by_kind"]["activation"]["uplink_bytes"] for line in steps)
     fp32 = sum(line["uplink_activation_fp32_bytes"] for line in steps)
-    if not sent or not fp32:
-        return None
+    if not sent or sent >= fp32:
+        return None  # fp32 on the uplink: nothing to compare
     codec = run.summary["config"]["link"]["uplink"] if run.summary else "the configured codec"
     return (
         f"uplink activations (training): {sent / _MIB:.2f} MiB as {codec}, "
@@ -534,16 +533,6 @@ def plot_traffic(run: Run, path: str | Path) -> None:
     fig.suptitle(f"link traffic of {run.path.resolve().name}")
 
     target = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise ReportError(
-            f"cannot write {target}: {exc.strerror}; pick a path in an existing, writable folder"
-        ) from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=100)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if not target.parent.is_dir():
+        raise ReportError(f"cannot write {target}: pick a path in an existing, writable folder")
+    write_atomically(target, lambda handle: fig.savefig(handle, format="png", dpi=100))
