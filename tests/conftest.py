@@ -7,7 +7,12 @@ from typing import Any
 import pytest
 import torch
 
-from cloud_node.servicer import serve
+from concurrent import futures
+
+import grpc
+
+from cloud_node.servicer import CloudServicer, serve
+from protos import edgepipe_pb2_grpc as pb_grpc
 from pipeline.config import Config, parse_config
 
 
@@ -41,6 +46,44 @@ def cloud() -> Iterator[Callable[[Config], str]]:
         server, port, _ = serve(config, "127.0.0.1:0")
         servers.append(server)
         return f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        server.stop(None)
+
+
+class RecordingServicer(CloudServicer):
+    """The real servicer, keeping every step frame it receives and noting each it sends."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.received: list = []
+        self.sent: list[tuple[int, str]] = []
+
+    def Step(self, request_iterator, context):
+        def tap():
+            for frame in request_iterator:
+                self.received.append(frame)
+                yield frame
+
+        for frame in super().Step(tap(), context):
+            self.sent.append((frame.step, frame.WhichOneof("body")))
+            yield frame
+
+
+@pytest.fixture
+def recording_cloud() -> Iterator[Callable[[Config], tuple[str, RecordingServicer]]]:
+    """Like ``cloud``, but the servicer records the step frames."""
+    servers = []
+
+    def start(config: Config) -> tuple[str, RecordingServicer]:
+        servicer = RecordingServicer(config)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pb_grpc.add_CloudServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        servers.append(server)
+        return f"127.0.0.1:{port}", servicer
 
     yield start
     for server in servers:

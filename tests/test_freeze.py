@@ -7,48 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cloud_node.servicer import CloudServicer
 from edge_node.worker import train
 from pipeline.checkpoint import load_state
 from pipeline.config import Config
-from protos import edgepipe_pb2_grpc as pb_grpc
 from tests.conftest import make_config
 
-import grpc
-from concurrent import futures
-
 MOBILENET = {"name": "mobilenetv2", "width": 0.25, "input_shape": [3, 16, 16]}
-
-
-class RecordingServicer(CloudServicer):
-    """The real servicer, noting every step frame it sends back (step, kind)."""
-
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.sent: list[tuple[int, str]] = []
-
-    def Step(self, request_iterator, context):
-        for frame in super().Step(request_iterator, context):
-            self.sent.append((frame.step, frame.WhichOneof("body")))
-            yield frame
-
-
-@pytest.fixture
-def recording_cloud():
-    servers = []
-
-    def start(config: Config) -> tuple[str, RecordingServicer]:
-        servicer = RecordingServicer(config)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        pb_grpc.add_CloudServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        servers.append(server)
-        return f"127.0.0.1:{port}", servicer
-
-    yield start
-    for server in servers:
-        server.stop(None)
 
 
 def _steps(run_dir: Path) -> list[dict]:
