@@ -16,7 +16,7 @@ from pipeline import wire
 from pipeline.codecs import CodecError
 from pipeline.config import Config
 from pipeline.handshake import describe_differences, fingerprint
-from pipeline.models import build_model
+from pipeline.models import build_configured
 from protos import edgepipe_pb2 as pb
 from protos import edgepipe_pb2_grpc as pb_grpc
 
@@ -30,13 +30,7 @@ class CloudServicer(pb_grpc.CloudServicer):
 
     def __init__(self, config: Config, *, max_sessions: int = 8, session_timeout: float = 1800.0) -> None:
         self.config = config
-        model = build_model(
-            config.model.name,
-            num_classes=config.model.num_classes,
-            input_shape=config.model.input_shape,
-            width=config.model.width,
-            seed=config.model.seed,
-        )
+        model = build_configured(config.model)
         self.fingerprint = fingerprint(config, model)
         self.message_limit = wire.message_limit(config, model)
         self.max_sessions = max_sessions

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pipeline import wire
 from pipeline.config import Config
-from pipeline.models import build_model
+from pipeline.models import build_configured
 from pipeline.optim import build_optimizer, set_learning_rate
 from pipeline.partition import cut_shapes, make_cuts, split
 from pipeline.skip import (
@@ -52,13 +52,7 @@ class CloudSession:
     def __init__(self, session_id: str, config: Config) -> None:
         self.id = session_id
         self.config = config
-        model = build_model(
-            config.model.name,
-            num_classes=config.model.num_classes,
-            input_shape=config.model.input_shape,
-            width=config.model.width,
-            seed=config.model.seed,
-        )
+        model = build_configured(config.model)
         self.num_layers = len(model)
         self.cuts = make_cuts(self.num_layers, config.partition.edge_head, config.partition.edge_tail)
         self.uplink_shape, self.downlink_shape = cut_shapes(model, config.model.input_shape, self.cuts)
@@ -191,16 +185,14 @@ class CloudSession:
 
     def _backward_losses(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
         # Reverse micro-batch order, as torchgpipe.GPipe accumulates gradients.
-        start = time.perf_counter()
         for index in reversed(range(self._begin.chunks)):
             loss = self._losses[index]
             self._loss += loss.item()
+            start = time.perf_counter()
             grad = self.stage.backward(index, loss=loss)
+            self._backward_seconds += time.perf_counter() - start
             if grad is not None:
-                self._backward_seconds += time.perf_counter() - start
                 yield self._tensor_frame(frame, "gradient", grad, index)
-                start = time.perf_counter()
-        self._backward_seconds += time.perf_counter() - start
 
     def _on_gradient(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
         if self.loss_on_cloud or not self.middle_trains:

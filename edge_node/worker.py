@@ -16,7 +16,7 @@ from edge_node.link import CloudLink
 from pipeline.checkpoint import save_json, save_state
 from pipeline.config import Config
 from pipeline.data import DataError, Dataset, load_dataset, mini_batches, training_batches
-from pipeline.models import build_model
+from pipeline.models import build_configured
 from pipeline.optim import learning_rate
 from pipeline.partition import make_cuts
 from pipeline.traffic import TrafficCounts, TrafficMeter
@@ -129,13 +129,7 @@ def train(
     total_steps = epochs * steps_per_epoch if limit is None else min(limit, epochs * steps_per_epoch)
     eval_batch = config.train.eval_batch_size or config.micro_batch_size
 
-    model = build_model(
-        config.model.name,
-        num_classes=config.model.num_classes,
-        input_shape=config.model.input_shape,
-        width=config.model.width,
-        seed=config.model.seed,
-    )
+    model = build_configured(config.model)
     meter = TrafficMeter()
     engine: LocalEngine | SplitEngine
     if cloud is None:

@@ -12,17 +12,11 @@ def _partition_show(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from pipeline.config import load_config
-    from pipeline.models import build_model
+    from pipeline.models import build_configured
     from pipeline.partition import make_cuts, profile, render_partition_table
 
     config = load_config(args.file)
-    model = build_model(
-        config.model.name,
-        num_classes=config.model.num_classes,
-        input_shape=config.model.input_shape,
-        width=config.model.width,
-        seed=config.model.seed,
-    )
+    model = build_configured(config.model)
     cuts = make_cuts(len(model), config.partition.edge_head, config.partition.edge_tail)
     table = render_partition_table(profile(model, config.model.input_shape, cuts), cuts, input_shape=config.model.input_shape)
     Console(width=max(160, Console().width)).print(table)

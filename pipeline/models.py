@@ -11,6 +11,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pipeline.config import ModelSection
+
 
 class ModelError(ValueError):
     """A model cannot be built; the message says what to fix."""
@@ -63,6 +65,17 @@ def build_model(
     if len(model) == 0:
         raise ModelError(f"model factory {label!r} returned an empty nn.Sequential: give it at least one layer")
     return model
+
+
+def build_configured(section: ModelSection) -> nn.Sequential:
+    """The model a configuration's ``[model]`` section describes."""
+    return build_model(
+        section.name,
+        num_classes=section.num_classes,
+        input_shape=section.input_shape,
+        width=section.width,
+        seed=section.seed,
+    )
 
 
 def layer_names(model: nn.Sequential) -> list[str]:

@@ -16,7 +16,7 @@ from torch import nn
 from pipeline.checkpoint import write_atomically
 from pipeline.codecs import payload_bytes
 from pipeline.config import Config, ConfigError, parse_config
-from pipeline.models import ModelError, build_model
+from pipeline.models import ModelError, build_configured
 from pipeline.partition import cut_shapes, make_cuts, profile
 from pipeline.traffic import DIRECTIONS, KINDS
 
@@ -390,13 +390,7 @@ def _config(run: Run) -> Config:
 
 def _build(config: Config, run: Run) -> nn.Sequential:
     try:
-        return build_model(
-            config.model.name,
-            num_classes=config.model.num_classes,
-            input_shape=config.model.input_shape,
-            width=config.model.width,
-            seed=config.model.seed,
-        )
+        return build_configured(config.model)
     except ModelError as exc:
         raise ReportError(
             f"cannot rebuild model {config.model.name!r} of {run.path} to count FLOPs: {exc}; "

@@ -12,7 +12,7 @@ from edge_node.worker import train
 from pipeline.checkpoint import load_state
 from pipeline.config import Config
 from pipeline.data import load_dataset, training_batches
-from pipeline.models import build_model
+from pipeline.models import build_configured
 from tests.conftest import make_config
 
 STEPS = 6
@@ -27,10 +27,7 @@ def _max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> f
 
 
 def _gpipe_reference(config: Config, steps: int) -> dict[str, torch.Tensor]:
-    model = build_model(
-        config.model.name, num_classes=config.model.num_classes, input_shape=config.model.input_shape,
-        width=config.model.width, seed=config.model.seed,
-    )
+    model = build_configured(config.model)
     head, tail = config.partition.edge_head, config.partition.edge_tail
     balance = [n for n in (head, len(model) - head - tail, tail) if n]
     pipe = GPipe(model, balance=balance, devices=["cpu"] * len(balance), chunks=config.partition.chunks, checkpoint="never")
@@ -69,9 +66,7 @@ def test_split_equals_local_and_gpipe(model, partition, tmp_path, cloud):
     config = make_config(model=model, partition={**partition, "chunks": 4})
     split = _run(config, tmp_path, "split", cloud(config))
     local = _run(config, tmp_path, "local", None)
-    initial = build_model(
-        config.model.name, num_classes=10, input_shape=config.model.input_shape, width=config.model.width, seed=0
-    ).state_dict()
+    initial = build_configured(config.model).state_dict()
 
     assert _max_difference(split, initial) > 1e-3, "training must have moved the weights"
     # Same operations in the same order: equal to the last bit, not just within tolerance.
