@@ -93,7 +93,9 @@ class CloudServicer(pb_grpc.CloudServicer):
         if first is None:
             return
         session = self._session(first.session, context)
-        if not session.lock.acquire(blocking=False):
+        # A short wait covers a previous call of this session that gRPC cancelled and whose
+        # handler is still unwinding; a genuinely concurrent step is refused.
+        if not session.lock.acquire(timeout=5.0):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"session {session.id} is already in a step")
         try:
             frame = first

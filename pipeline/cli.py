@@ -29,7 +29,8 @@ def _traffic(args: argparse.Namespace) -> int:
     from pipeline.report import load_run, plot_traffic, render_report
 
     run = load_run(args.run_dir)
-    console = Console(highlight=False)
+    # The table is wide: keep it whole when piped into a file or a CI log.
+    console = Console(highlight=False, width=max(160, Console().width))
     for renderable in render_report(run):
         console.print(renderable)
     if args.plot:

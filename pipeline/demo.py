@@ -91,7 +91,7 @@ def run_demo(run_dir: Path, epochs: int | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.toml"
     config_path.write_text(DEMO_CONFIG, encoding="utf-8")
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=max(160, Console().width))
     console.print(
         f"edgepipe demo: {config.model.name} (width {config.model.width}) on digits, "
         f"{config.partition.edge_head} head + {config.partition.edge_tail} tail layers on the edge, "

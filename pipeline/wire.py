@@ -215,7 +215,7 @@ def decision_from_message(message: pb.Decision) -> Decision:
 
 
 #: Room for everything in a frame besides the tensor payload (shape, scales, labels, ids).
-_FRAME_OVERHEAD = 1 << 20
+_FRAME_OVERHEAD = 64 << 10
 
 
 def message_limit(config: Config, model: nn.Sequential) -> int:
@@ -228,11 +228,14 @@ def message_limit(config: Config, model: nn.Sequential) -> int:
     uplink, downlink = cut_shapes(model, config.model.input_shape, cuts)
     per_sample = max(math.prod(uplink), math.prod(downlink)) * 4
     largest_weight = max((t.numel() * t.element_size() for t in model.state_dict().values()), default=0)
-    needed = max(per_sample * config.micro_batch_size, largest_weight) + _FRAME_OVERHEAD
+    batch = config.micro_batch_size
+    # Beside the payload: labels (at most 10 bytes a varint), scales and zero points (8 bytes a channel).
+    frame = per_sample * batch + 10 * batch + 8 * max(uplink[0], downlink[0])
+    needed = max(frame, largest_weight) + _FRAME_OVERHEAD
     limit = config.link.max_message_mib << 20
     if needed > limit:
         raise ConfigError(
-            f"link.max_message_mib: a message needs up to {needed / 2**20:.1f} MiB but the bound is "
+            f"link.max_message_mib: a message needs up to {needed / 2**20:.2f} MiB but the bound is "
             f"{config.link.max_message_mib} MiB; raise link.max_message_mib or partition.chunks"
         )
     return limit

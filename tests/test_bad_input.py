@@ -17,7 +17,7 @@ from edge_node.worker import train
 from pipeline import wire
 from pipeline.config import Config, ConfigError
 from pipeline.handshake import fingerprint
-from pipeline.models import build_model
+from pipeline.models import build_configured
 from pipeline.partition import cut_shapes, make_cuts
 from protos import edgepipe_pb2 as pb
 from protos import edgepipe_pb2_grpc as pb_grpc
@@ -34,13 +34,7 @@ _MICRO = _SAMPLES // _CHUNKS
 
 
 def _model(config: Config) -> torch.nn.Sequential:
-    return build_model(
-        config.model.name,
-        num_classes=config.model.num_classes,
-        input_shape=config.model.input_shape,
-        width=config.model.width,
-        seed=config.model.seed,
-    )
+    return build_configured(config.model)
 
 
 def _shapes(config: Config) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -17,7 +17,7 @@ from edge_node.__main__ import main as edge_main
 from edge_node.worker import train
 from pipeline.cli import main as edgepipe_main
 from pipeline.config import load_config
-from pipeline.models import build_model, layer_names
+from pipeline.models import build_configured, layer_names
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +50,7 @@ def _config_file(tmp_path: Path, edge_head: int = 1, name: str = "config.toml", 
 
 def _model(path: Path) -> torch.nn.Sequential:
     config = load_config(path)
-    return build_model(
-        config.model.name,
-        num_classes=config.model.num_classes,
-        input_shape=config.model.input_shape,
-        width=config.model.width,
-        seed=config.model.seed,
-    )
+    return build_configured(config.model)
 
 
 # -- edgepipe partition show ---------------------------------------------------------------------
