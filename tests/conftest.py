@@ -16,6 +16,27 @@ from protos import edgepipe_pb2_grpc as pb_grpc
 from pipeline.config import Config, parse_config
 
 
+#: The same small configuration as a TOML file, for command-line tests (``{edge_head}`` to fill).
+SMALL_TOML = """
+[model]
+name = "tinycnn"
+input_shape = [1, 8, 8]
+num_classes = 10
+seed = 0
+
+[partition]
+edge_head = {edge_head}
+edge_tail = 1
+chunks = 4
+
+[train]
+dataset = "synthetic"
+batch_size = 32
+epochs = 1
+lr = 0.05
+"""
+
+
 def make_config(**sections: dict[str, Any]) -> Config:
     """A small, fast configuration (tinycnn on synthetic 8x8 data) with sections overridden."""
     data: dict[str, dict[str, Any]] = {

@@ -21,7 +21,7 @@ from pipeline.models import build_configured
 from pipeline.partition import cut_shapes, make_cuts
 from protos import edgepipe_pb2 as pb
 from protos import edgepipe_pb2_grpc as pb_grpc
-from tests.conftest import make_config
+from tests.conftest import SMALL_TOML, make_config
 
 _MIB = 1 << 20
 _TIMEOUT = 30.0
@@ -156,24 +156,6 @@ def test_worker_with_a_different_partition_is_refused(cloud, tmp_path: Path) -> 
     assert "\n" not in message
 
 
-_TOML = """
-[model]
-name = "tinycnn"
-input_shape = [1, 8, 8]
-num_classes = 10
-seed = 0
-
-[partition]
-edge_head = {edge_head}
-edge_tail = 1
-chunks = 4
-
-[train]
-dataset = "synthetic"
-batch_size = 32
-epochs = 1
-lr = 0.05
-"""
 
 
 def test_edge_cli_with_a_different_config_exits_with_one_line(cloud, tmp_path: Path, capsys) -> None:
@@ -181,8 +163,8 @@ def test_edge_cli_with_a_different_config_exits_with_one_line(cloud, tmp_path: P
 
     cloud_file = tmp_path / "cloud.toml"
     edge_file = tmp_path / "edge.toml"
-    cloud_file.write_text(_TOML.format(edge_head=1))
-    edge_file.write_text(_TOML.format(edge_head=2))
+    cloud_file.write_text(SMALL_TOML.format(edge_head=1))
+    edge_file.write_text(SMALL_TOML.format(edge_head=2))
     address = cloud(load_config(cloud_file))
     capsys.readouterr()
     code = edge_main(

@@ -18,33 +18,15 @@ from edge_node.worker import train
 from pipeline.cli import main as edgepipe_main
 from pipeline.config import load_config
 from pipeline.models import build_configured, layer_names
-from tests.conftest import make_config
+from tests.conftest import SMALL_TOML, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CONFIG = """
-[model]
-name = "tinycnn"
-input_shape = [1, 8, 8]
-num_classes = 10
-seed = 0
-
-[partition]
-edge_head = {edge_head}
-edge_tail = 1
-chunks = 4
-
-[train]
-dataset = "synthetic"
-batch_size = 32
-epochs = 1
-lr = 0.05
-"""
 
 
 def _config_file(tmp_path: Path, edge_head: int = 1, name: str = "config.toml", text: str | None = None) -> Path:
     path = tmp_path / name
-    path.write_text(CONFIG.format(edge_head=edge_head) if text is None else text, encoding="utf-8")
+    path.write_text(SMALL_TOML.format(edge_head=edge_head) if text is None else text, encoding="utf-8")
     return path
 
 
@@ -83,8 +65,8 @@ def test_partition_show_follows_the_config(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize(
     ("text", "words"),
     [
-        (CONFIG.format(edge_head=1).replace("edge_head = 1", "edge_heads = 1"), ["partition.edge_heads", "edge_head"]),
-        (CONFIG.format(edge_head=3), ["partition.edge_head", "partition.edge_tail"]),
+        (SMALL_TOML.format(edge_head=1).replace("edge_head = 1", "edge_heads = 1"), ["partition.edge_heads", "edge_head"]),
+        (SMALL_TOML.format(edge_head=3), ["partition.edge_head", "partition.edge_tail"]),
         ("[model\nname = 1", ["not valid TOML"]),
     ],
     ids=["unknown-key", "no-layer-for-the-cloud", "bad-toml"],
@@ -220,7 +202,7 @@ def test_cloud_cli_serves_a_training_run_and_stops_on_sigterm(tmp_path: Path) ->
 
 
 def test_cloud_cli_on_a_bad_config_exits_2(tmp_path: Path, capsys) -> None:
-    path = _config_file(tmp_path, text=CONFIG.format(edge_head=1).replace("chunks = 4", 'chunks = "4"'))
+    path = _config_file(tmp_path, text=SMALL_TOML.format(edge_head=1).replace("chunks = 4", 'chunks = "4"'))
     assert cloud_main(["--config", str(path), "--listen", "127.0.0.1:0"]) == 2
     out, err = capsys.readouterr()
     assert "listening" not in out
