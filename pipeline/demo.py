@@ -113,6 +113,14 @@ def run_demo(run_dir: Path, epochs: int | None = None) -> int:
     run = load_run(run_dir)
     for renderable in render_report(run):
         console.print(renderable)
-    accuracy = run.summary["final_val_accuracy"] if run.summary else float("nan")
+    summary = run.summary or {}
+    head = config.partition.edge_head
+    frozen = [e for e in summary.get("freeze_events", []) if e["boundary"] >= head]
+    if frozen:
+        console.print(
+            f"the edge head (layers 0-{head - 1}) froze at step {frozen[0]['step']} of {summary['steps']}: "
+            "from then on no gradient crossed the downlink and the edge ran its head forward-only"
+        )
+    accuracy = summary.get("final_val_accuracy", float("nan"))
     console.print(f"final validation accuracy: {accuracy:.4f}   (model: {run_dir / 'model.pt'})")
     return 0

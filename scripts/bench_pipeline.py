@@ -209,6 +209,7 @@ def measure(mode: str, chunks: int, repeat: int, config_path: Path, work: Path, 
             ) -> dict[str, Any]:
     """One run (local or split) of ``args.steps`` steps; the statistics of its measured steps."""
     run_dir = work / f"r{repeat}-c{chunks}-{mode}"
+    load = _loadavg()
     started = time.perf_counter()
     cloud_exit = None
     cloud_log_tail = ""
@@ -245,6 +246,7 @@ def measure(mode: str, chunks: int, repeat: int, config_path: Path, work: Path, 
         "edge_command": cmd,
         "cloud_command": cloud_cmd,
         "process_wall_seconds": wall,
+        "loadavg_at_start": load,
         "steps_recorded": len(records),
         "steps_measured": len(measured),
         "median_step_seconds": statistics.median(seconds),
@@ -351,7 +353,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "torch": torch.__version__,
         "grpcio": grpc.__version__,
         "node_torch_threads": threads,
-        "bench_process_torch_threads": torch.get_num_threads(),
+        "torch_default_threads": torch.get_num_threads(),
     }
     if hasattr(os, "sched_getaffinity"):
         info["usable_cpus"] = len(os.sched_getaffinity(0))
