@@ -5,6 +5,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
@@ -198,6 +199,18 @@ class Config(_Section):
         used = _POLICY_KEYS[self.skip.policy] | _COMMON_SKIP_KEYS
         data["skip"] = {k: v for k, v in data["skip"].items() if k in used}
         return data
+
+    def to_toml(self) -> str:
+        """:meth:`to_dict` as a TOML configuration file that :func:`load_config` reads back.
+
+        Unset optional keys (``None``) are left out: TOML has no null, and a missing key takes
+        the same default.
+        """
+        data = {
+            section: {key: value for key, value in table.items() if value is not None}
+            for section, table in self.to_dict().items()
+        }
+        return tomli_w.dumps(data)
 
     def agreed(self) -> dict[str, Any]:
         """The part of the configuration edge and cloud must share (everything but where data lives)."""

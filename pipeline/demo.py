@@ -1,20 +1,17 @@
 """The embedded default run: a cloud server and an edge worker on loopback, trained on digits."""
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import threading
 import tomllib
 from pathlib import Path
 
 from pipeline.config import ConfigError, parse_config
+from pipeline.launch import edge_command, run_edge, start_cloud, stop
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
 
 #: MobileNetV2 at a quarter width on the digits upscaled to 32x32: stem and first block on the
-#: edge, the classifier too (labels never leave the edge), four micro-batches per step.
+#: edge, the classifier too (labels never leave the edge), four micro-batches per step, int8
+#: activations up the link, and the edge head frozen by LARS layer skipping once it has converged.
 DEMO_CONFIG = """\
 # edgepipe demo configuration: written by `edgepipe demo`, usable as a starting point.
 [model]
@@ -35,7 +32,12 @@ downlink = "fp32"
 gradients = "fp32"
 
 [skip]
-policy = "none"
+# LARS layer skipping: after each epoch, freeze up to the deepest conv layer whose weight norm is
+# more than alpha times its epoch update; capped at the edge head, whose freeze stops all
+# gradient traffic down the link.
+policy = "lars"
+alpha = 2.0
+max_boundary = 2
 
 [train]
 dataset = "digits"
@@ -44,40 +46,6 @@ epochs = 6
 lr = 0.05
 lr_schedule = "cosine"
 """
-
-_START_TIMEOUT = 120.0
-
-
-def _start_cloud(config_path: Path) -> tuple[subprocess.Popen[str], str]:
-    cloud = subprocess.Popen(
-        [sys.executable, "-m", "cloud_node", "--config", str(config_path), "--listen", "127.0.0.1:0", "--threads", "1"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    # The first line names the address; a timer kills a server that never gets there.
-    timer = threading.Timer(_START_TIMEOUT, cloud.kill)
-    timer.start()
-    try:
-        line = cloud.stdout.readline() if cloud.stdout else ""
-    finally:
-        timer.cancel()
-    prefix = "edgepipe-cloud listening on "
-    if not line.startswith(prefix):
-        cloud.kill()
-        cloud.wait()
-        raise RuntimeError(f"the cloud server did not start (exit code {cloud.returncode}); see its message above")
-    return cloud, line.removeprefix(prefix).strip()
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
 
 def run_demo(run_dir: Path, epochs: int | None = None) -> int:
     """Train the demo split across two local processes; print accuracy and the traffic table."""
@@ -97,16 +65,12 @@ def run_demo(run_dir: Path, epochs: int | None = None) -> int:
         f"{config.partition.edge_head} head + {config.partition.edge_tail} tail layers on the edge, "
         f"{config.partition.chunks} micro-batches; run directory {run_dir}"
     )
-    cloud, address = _start_cloud(config_path)
+    cloud, address = start_cloud(config_path)
     console.print(f"cloud server up at {address}; training (progress on stderr)...")
-    edge_cmd = [sys.executable, "-m", "edge_node", "--config", str(config_path), "--cloud", address,
-                "--run-dir", str(run_dir), "--threads", "1", "--name", "demo-edge"]
-    if epochs is not None:
-        edge_cmd += ["--epochs", str(epochs)]
     try:
-        code = subprocess.run(edge_cmd, env=os.environ.copy()).returncode
+        code = run_edge(edge_command(config_path, cloud=address, run_dir=run_dir, name="demo-edge", epochs=epochs))
     finally:
-        _stop(cloud)
+        stop(cloud)
     if code != 0:
         console.print(f"[red]edgepipe demo: the edge worker failed (exit code {code})[/red]")
         return code

@@ -17,12 +17,9 @@ import json
 import math
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import tomllib
 from pathlib import Path
@@ -37,11 +34,9 @@ from rich.table import Table  # noqa: E402
 
 from pipeline.config import parse_config  # noqa: E402
 from pipeline.demo import DEMO_CONFIG  # noqa: E402
+from pipeline.launch import LaunchError, cloud_command, edge_command, run_edge, start_cloud, stop, tail  # noqa: E402
 
 _MIB = float(1 << 20)
-_CLOUD_PREFIX = "edgepipe-cloud listening on "
-_CLOUD_START_TIMEOUT = 120.0
-_CLOUD_STOP_TIMEOUT = 15.0
 
 #: Keys the benchmark sets on top of the demo configuration so that it measures the pipeline
 #: itself (no layer ever frozen, no codec work) whatever the demo configuration says later.
@@ -53,41 +48,6 @@ BENCH_OVERRIDES: dict[str, dict[str, Any]] = {
 
 # ---------------------------------------------------------------------------------------------
 # configuration
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} {value!r} as a TOML value")
-
-
-def to_toml(data: dict[str, dict[str, Any]]) -> str:
-    """Write a configuration (sections of scalars and arrays, as tomllib reads it) back as TOML."""
-    lines = ["# written by scripts/bench_pipeline.py: the demo configuration with benchmark overrides"]
-    for section, table in data.items():
-        if not isinstance(table, dict):
-            raise TypeError(f"top-level key {section!r} is not a table")
-        lines.append(f"\n[{section}]")
-        for key, value in table.items():
-            if value is None:
-                continue  # TOML has no null: leave the key to its default
-            lines.append(f"{key} = {_toml_value(value)}")
-    text = "\n".join(lines) + "\n"
-    if tomllib.loads(text) != {s: {k: v for k, v in t.items() if v is not None} for s, t in data.items()}:
-        raise RuntimeError("the configuration did not survive a TOML round trip")
-    return text
 
 
 def bench_config(chunks: int, batch_size: int, steps: int) -> dict[str, dict[str, Any]]:
@@ -112,76 +72,8 @@ def bench_config(chunks: int, batch_size: int, steps: int) -> dict[str, dict[str
 # processes
 
 
-class RunFailed(RuntimeError):
-    """A node exited non-zero, timed out or left no usable metrics."""
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.strip().splitlines()[-lines:])
-
-
-def _node_env() -> dict[str, str]:
-    env = os.environ.copy()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
-def start_cloud(config_path: Path, threads: int, log: Path) -> tuple[subprocess.Popen[str], str]:
-    """Start a cloud server on a free loopback port; return it and the address it printed."""
-    cmd = [sys.executable, "-m", "cloud_node", "--config", str(config_path),
-           "--listen", "127.0.0.1:0", "--threads", str(threads)]
-    with log.open("w", encoding="utf-8") as err:
-        cloud = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO, env=_node_env())
-    timer = threading.Timer(_CLOUD_START_TIMEOUT, cloud.kill)
-    timer.start()
-    try:
-        line = cloud.stdout.readline() if cloud.stdout else ""
-    except BaseException:
-        stop_process(cloud)
-        raise
-    finally:
-        timer.cancel()
-    if not line.startswith(_CLOUD_PREFIX):
-        stop_process(cloud)
-        raise RunFailed(f"the cloud server did not start (exit code {cloud.returncode}):\n{_tail(log)}")
-    return cloud, line.removeprefix(_CLOUD_PREFIX).strip()
-
-
-def stop_process(process: subprocess.Popen[str]) -> int:
-    """SIGTERM, wait, SIGKILL on timeout; return the exit code."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=_CLOUD_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    if process.stdout:
-        process.stdout.close()
-    return process.returncode
-
-
-def run_edge(config_path: Path, run_dir: Path, *, cloud: str | None, steps: int, threads: int,
-             timeout: float) -> list[str]:
-    """Run one edge worker to completion; return its command line."""
-    where = ["--local"] if cloud is None else ["--cloud", cloud]
-    cmd = [sys.executable, "-m", "edge_node", "--config", str(config_path), *where,
-           "--run-dir", str(run_dir), "--threads", str(threads), "--no-progress", "--max-steps", str(steps)]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = run_dir / "edge.log"
-    with log.open("w", encoding="utf-8") as out:
-        try:
-            code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=_node_env(),
-                                  timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            raise RunFailed(f"the edge worker ran past {timeout:.0f} s:\n{_tail(log)}") from None
-    if code != 0:
-        raise RunFailed(f"the edge worker exited with code {code}:\n{_tail(log)}")
-    return cmd
+class RunFailed(LaunchError):
+    """The edge worker exited non-zero or left no usable metrics."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,24 +103,23 @@ def measure(mode: str, chunks: int, repeat: int, config_path: Path, work: Path, 
     run_dir = work / f"r{repeat}-c{chunks}-{mode}"
     load = _loadavg()
     started = time.perf_counter()
-    cloud_exit = None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cloud_log, edge_log = run_dir / "cloud.log", run_dir / "edge.log"
+    cloud = address = cloud_cmd = cloud_exit = None
     cloud_log_tail = ""
-    if mode == "local":
-        cmd = run_edge(config_path, run_dir, cloud=None, steps=args.steps, threads=args.threads,
-                       timeout=args.run_timeout)
-        cloud_cmd = None
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cloud_log = run_dir / "cloud.log"
-        cloud, address = start_cloud(config_path, args.threads, cloud_log)
-        cloud_cmd = [sys.executable, "-m", "cloud_node", "--config", str(config_path),
-                     "--listen", "127.0.0.1:0", "--threads", str(args.threads)]
-        try:
-            cmd = run_edge(config_path, run_dir, cloud=address, steps=args.steps, threads=args.threads,
-                           timeout=args.run_timeout)
-        finally:
-            cloud_exit = stop_process(cloud)
-        cloud_log_tail = _tail(cloud_log, 5)
+    if mode == "split":
+        cloud, address = start_cloud(config_path, threads=args.threads, stderr=cloud_log, cwd=REPO)
+        cloud_cmd = cloud_command(config_path, threads=args.threads)
+    cmd = edge_command(config_path, cloud=address, run_dir=run_dir, threads=args.threads, max_steps=args.steps,
+                       progress=False)
+    try:
+        code = run_edge(cmd, log=edge_log, timeout=args.run_timeout, cwd=REPO)
+    finally:
+        if cloud is not None:
+            cloud_exit = stop(cloud)
+            cloud_log_tail = tail(cloud_log, 5)
+    if code != 0:
+        raise RunFailed(f"the edge worker exited with code {code}:\n{tail(edge_log, 15)}")
     wall = time.perf_counter() - started
     records = read_steps(run_dir)
     if len(records) != args.steps:
@@ -453,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     for chunks in args.chunks:
         configs[chunks] = bench_config(chunks, args.batch_size, args.steps)
         paths[chunks] = work / f"config-chunks{chunks}.toml"
-        paths[chunks].write_text(to_toml(configs[chunks]), encoding="utf-8")
+        text = parse_config(configs[chunks], f"benchmark config (chunks={chunks})").to_toml()
+        header = "# written by scripts/bench_pipeline.py: the demo configuration with benchmark overrides\n"
+        paths[chunks].write_text(header + text, encoding="utf-8")
 
     console.print(f"bench_pipeline: chunks {args.chunks}, batch {args.batch_size}, {args.steps} steps "
                   f"({args.warmup} warm-up), {args.repeats} repeat(s); work dir {work}")
@@ -468,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in order:
                     try:
                         result = measure(mode, chunks, repeat, paths[chunks], work, args)
-                    except (RunFailed, OSError, ValueError, KeyError) as exc:
+                    except (LaunchError, OSError, ValueError, KeyError) as exc:
                         console.print(f"[red]repeat {repeat} chunks {chunks} {mode}: FAILED: {exc}[/red]")
                         failures.append({"mode": mode, "chunks": chunks, "repeat": repeat, "error": str(exc)})
                         continue

@@ -1,14 +1,9 @@
 """Launch a cloud+edge pair as processes (as users do) on a config dict and read the run dir back."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 import tomllib
 from collections.abc import Mapping
@@ -16,19 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import parse_config
+from pipeline.launch import LaunchError, edge_command, run_edge, start_cloud, stop, tail
 from pipeline.report import Run, load_run
 
-__all__ = ["RunResult", "SplitRunError", "boundary_timeline", "demo_config", "dump_toml", "run_split"]
+__all__ = ["RunResult", "SplitRunError", "boundary_timeline", "demo_config", "run_split"]
 
 ROOT = Path(__file__).resolve().parent.parent
-_PREFIX = "edgepipe-cloud listening on "
-_START_TIMEOUT = 120.0
-_STOP_TIMEOUT = 15.0
 MIB = float(1 << 20)
 
-
-class SplitRunError(RuntimeError):
-    """A node failed to start or the edge exited non-zero; the message holds the tail of its log."""
+#: A node failed to start, ran past its time or the edge exited non-zero; the message holds the
+#: tail of its log.
+SplitRunError = LaunchError
 
 
 def demo_config() -> dict[str, Any]:
@@ -36,28 +30,6 @@ def demo_config() -> dict[str, Any]:
     from pipeline.demo import DEMO_CONFIG
 
     return tomllib.loads(DEMO_CONFIG)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
-
-
-def dump_toml(config: Mapping[str, Mapping[str, Any]]) -> str:
-    """Write a config of ``{section: {key: scalar or list}}`` as TOML (None values are left out)."""
-    lines: list[str] = []
-    for section, keys in config.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in keys.items() if value is not None]
-        lines.append("")
-    return "\n".join(lines)
 
 
 @dataclass
@@ -84,46 +56,6 @@ class RunResult:
         return int(self.summary["traffic"]["by_kind"][kind][f"{direction}_bytes"])
 
 
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _stop(process: subprocess.Popen[Any]) -> None:
-    """SIGTERM, wait, kill on timeout; never leaves the process running."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=_STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _start_cloud(config_path: Path, log: Path) -> tuple[subprocess.Popen[str], str]:
-    with log.open("w", encoding="utf-8") as err:
-        cloud = subprocess.Popen(
-            [sys.executable, "-m", "cloud_node", "--config", str(config_path), "--listen", "127.0.0.1:0",
-             "--threads", "1"],
-            stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
-        )
-    timer = threading.Timer(_START_TIMEOUT, cloud.kill)
-    timer.start()
-    try:
-        line = cloud.stdout.readline() if cloud.stdout else ""
-    except BaseException:
-        _stop(cloud)
-        raise
-    finally:
-        timer.cancel()
-    if not line.startswith(_PREFIX):
-        _stop(cloud)
-        raise SplitRunError(f"the cloud server did not start (exit code {cloud.returncode}):\n{_tail(log)}")
-    return cloud, line.removeprefix(_PREFIX).strip()
-
-
 def run_split(
     config: Mapping[str, Mapping[str, Any]],
     *,
@@ -140,27 +72,25 @@ def run_split(
     workdir = Path(tempfile.mkdtemp(prefix=f"edgepipe-{label}-"))
     try:
         config_path = workdir / "config.toml"
-        config_path.write_text(dump_toml(config), encoding="utf-8")
+        config_path.write_text(parse_config(dict(config), f"{label} config").to_toml(), encoding="utf-8")
         run_dir = workdir / "run"
         edge_log = workdir / "edge.log"
-        edge_cmd = [sys.executable, "-m", "edge_node", "--config", str(config_path), "--run-dir", str(run_dir),
-                    "--threads", "1", "--no-progress"]
         started = time.perf_counter()
-        if local:
-            edge_cmd.append("--local")
-            code = _run_edge(edge_cmd, edge_log, timeout)
-        else:
-            cloud, address = _start_cloud(config_path, workdir / "cloud.log")
-            try:
-                code = _run_edge([*edge_cmd, "--cloud", address], edge_log, timeout)
-            finally:
-                _stop(cloud)
+        cloud, address = None, None
+        if not local:
+            cloud, address = start_cloud(config_path, stderr=workdir / "cloud.log", cwd=ROOT)
+        try:
+            code = run_edge(edge_command(config_path, cloud=address, run_dir=run_dir, progress=False),
+                            log=edge_log, timeout=timeout, cwd=ROOT)
+        finally:
+            if cloud is not None:
+                stop(cloud)
         wall = time.perf_counter() - started
         if code != 0:
-            raise SplitRunError(f"{label}: the edge worker exited with {code}:\n{_tail(edge_log)}")
+            raise SplitRunError(f"{label}: the edge worker exited with {code}:\n{tail(edge_log)}")
         run = load_run(run_dir)
         if run.summary is None:
-            raise SplitRunError(f"{label}: the edge wrote no summary.json:\n{_tail(edge_log)}")
+            raise SplitRunError(f"{label}: the edge wrote no summary.json:\n{tail(edge_log)}")
         if keep_dir is not None:
             target = Path(keep_dir) / label
             shutil.rmtree(target, ignore_errors=True)
@@ -169,16 +99,6 @@ def run_split(
         return RunResult(label=label, run=run, wall_seconds=wall)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _run_edge(cmd: list[str], log: Path, timeout: float) -> int:
-    with log.open("w", encoding="utf-8") as out:
-        edge = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=os.environ.copy())
-        try:
-            return edge.wait(timeout=timeout)
-        except BaseException:
-            _stop(edge)
-            raise
 
 
 def boundary_timeline(result: RunResult) -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import tomllib
 import typing
 from pathlib import Path
 
@@ -246,6 +247,22 @@ def test_to_dict_round_trips_through_parse_config(policy: str) -> None:
         assert data["skip"][key] == value
     # Only the keys the policy reads are kept, so the dict is valid input.
     assert "start_step" not in data["skip"] or policy == "cac-auto"
+
+
+@pytest.mark.parametrize("policy", ["none", "manual", "lars", "schedule"])
+def test_to_toml_round_trips_through_parse_config(policy: str) -> None:
+    config = make_config(
+        model={"width": 0.5},
+        skip={"policy": policy, **POLICY_SETTINGS[policy]},
+        link={"uplink": "int8", "gradients": "int8-sr", "timeout_seconds": 30.0},
+        train={"lr_schedule": "cosine", "max_steps": 7, "weight_decay": 0.0},
+    )
+    text = config.to_toml()
+    assert parse_config(tomllib.loads(text), "round trip") == config
+    # Unset optional keys (None) are left out: TOML has no null.
+    assert "eval_batch_size" not in text
+    # The defaults round-trip too.
+    assert parse_config(tomllib.loads(Config().to_toml())) == Config()
 
 
 def test_codec_lists_match_the_codec_registry() -> None:
