@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,11 +20,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from pipeline.config import ACTIVATION_CODECS, GRADIENT_CODECS, parse_config  # noqa: E402
-from split_run import MIB, RunResult, demo_config, run_split  # noqa: E402
+from split_run import MIB, RunResult, demo_config, report_console, run_split, write_report  # noqa: E402
 
 #: (uplink activations, gradients both ways); the first is the baseline.
 VARIANTS: tuple[tuple[str, str], ...] = (
@@ -207,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 200)))
+    console = report_console()
     base = demo_config()
     base["skip"] = {"policy": "none"}
     base["train"]["epochs"] = args.epochs
@@ -232,18 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table(rows, title))
     if any(r["targets"] for r in rows):
         console.print(targets_table(rows))
-    report = {
-        "benchmark": "bench_link",
-        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
-        "platform": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
+    write_report(args.out, "bench_link", argv, {
         "base_config": base,
         "epochs": args.epochs,
         "total_seconds": time.perf_counter() - started,
         "targets": {up: {"uplink_activation_ratio_max": r, "accuracy_loss_points_max": p}
                     for up, (r, p) in TARGETS.items()},
         "runs": rows,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    })
     console.print(f"wrote {args.out}")
     return 0
 

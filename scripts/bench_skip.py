@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,12 +20,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from pipeline.config import ACTIVATION_CODECS, parse_config  # noqa: E402
 from pipeline.report import ReportError, freeze_savings  # noqa: E402
-from split_run import MIB, RunResult, boundary_timeline, demo_config, run_split  # noqa: E402
+from split_run import MIB, RunResult, boundary_timeline, demo_config, report_console, run_split, write_report  # noqa: E402
 
 #: ``[skip]`` of each policy, tuned on the demo (MobileNetV2 x0.25 on digits, edge head = layers
 #: [0, 2), 44 steps per epoch, cosine lr).  What the tuning found (local runs of the demo):
@@ -224,7 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 200)))
+    console = report_console()
     base = demo_config()
     base["link"]["uplink"] = args.uplink
     base["train"]["epochs"] = args.epochs
@@ -250,10 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table(rows, title))
     if any(r["targets"] for r in rows):
         console.print(targets_table(rows))
-    report = {
-        "benchmark": "bench_skip",
-        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
-        "platform": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
+    write_report(args.out, "bench_skip", argv, {
         "base_config": base,
         "uplink": args.uplink,
         "epochs": args.epochs,
@@ -261,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"link_saving_fraction": TARGET_LINK_SAVING, "accuracy_points": TARGET_ACCURACY_POINTS,
                     "downlink_gradient_bytes_after_head_froze": 0},
         "runs": rows,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    })
     console.print(f"wrote {args.out}")
     return 0
 

@@ -1,7 +1,11 @@
 """Launch a cloud+edge pair as processes (as users do) on a config dict and read the run dir back."""
 from __future__ import annotations
 
+import json
+import os
+import platform
 import shutil
+import sys
 import statistics
 import tempfile
 import time
@@ -11,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from pipeline.config import parse_config
 from pipeline.launch import LaunchError, edge_command, run_edge, start_cloud, stop, tail
 from pipeline.report import Run, load_run
 
-__all__ = ["RunResult", "SplitRunError", "boundary_timeline", "demo_config", "run_split"]
+__all__ = ["RunResult", "SplitRunError", "boundary_timeline", "demo_config", "report_console", "run_split", "write_report"]
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = float(1 << 20)
@@ -107,3 +113,19 @@ def boundary_timeline(result: RunResult) -> str:
     for event in result.summary.get("freeze_events", []):
         parts.append(f"{event['boundary']}@{event['step']}")
     return "→".join(parts)
+
+
+def report_console() -> Console:
+    """A console for benchmark tables: the terminal's width, or ``COLUMNS`` (200) when piped."""
+    return Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 200)))
+
+
+def write_report(out: Path, benchmark: str, argv: list[str] | None, fields: dict[str, Any]) -> None:
+    """Write a benchmark's JSON: what ran it, on what, and its ``fields``."""
+    report = {
+        "benchmark": benchmark,
+        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        "platform": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
+        **fields,
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
