@@ -37,9 +37,10 @@ def test_a_cloud_that_does_not_start_raises_with_its_log(tmp_path: Path) -> None
 
 def test_an_edge_past_its_time_is_stopped(tmp_path: Path) -> None:
     log = tmp_path / "edge.log"
-    sleeper = [sys.executable, "-c", "print('working', flush=True); import time; time.sleep(60)"]
+    # A worker that never finishes: it waits on an event nobody sets.
+    stuck = [sys.executable, "-c", "print('working', flush=True); import threading; threading.Event().wait()"]
     with pytest.raises(LaunchError, match="ran past"):
-        run_edge(sleeper, log=log, timeout=3)
+        run_edge(stuck, log=log, timeout=3)
     assert "working" in log.read_text()
 
 
