@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -369,35 +369,38 @@ class SchedulePolicy(SkipPolicy):
 # ---------------------------------------------------------------------------- construction
 
 
+_Number = TypeVar("_Number", int, float)
+
+
 def _env_raw(env: Mapping[str, str], name: str) -> str | None:
     raw = env.get(name, "").strip()
     return raw or None
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+def _env_number(
+    env: Mapping[str, str], name: str, default: _Number, convert: Callable[[str], _Number],
+    valid: Callable[[_Number], bool], expected: str,
+) -> _Number:
     raw = _env_raw(env, name)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        value = convert(raw)
     except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r}: expected an integer >= {minimum}") from None
-    if value < minimum:
-        raise ValueError(f"environment variable {name}={raw!r}: must be >= {minimum}")
+        raise ValueError(f"environment variable {name}={raw!r}: expected {expected}") from None
+    if not valid(value):
+        raise ValueError(f"environment variable {name}={raw!r}: expected {expected}")
     return value
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
+    return _env_number(env, name, default, int, lambda v: v >= minimum, f"an integer >= {minimum}")
 
 
 def _env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = _env_raw(env, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={raw!r}: expected a positive number") from None
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"environment variable {name}={raw!r}: must be a positive finite number")
-    return value
+    return _env_number(
+        env, name, default, float, lambda v: math.isfinite(v) and v > 0, "a positive finite number"
+    )
 
 
 def _env_list(env: Mapping[str, str], name: str) -> list[int]:

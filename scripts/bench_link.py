@@ -11,7 +11,6 @@ same invocation (uplink fp32, gradients fp32, the demo's downlink).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from rich.table import Table  # noqa: E402
 
-from pipeline.config import ACTIVATION_CODECS, GRADIENT_CODECS, parse_config  # noqa: E402
-from split_run import MIB, RunResult, demo_config, report_console, run_split, write_report  # noqa: E402
+from pipeline.config import ACTIVATION_CODECS, GRADIENT_CODECS  # noqa: E402
+from split_run import MIB, RunResult, demo_config, publish, report_console, run_variants  # noqa: E402
 
 #: (uplink activations, gradients both ways); the first is the baseline.
 VARIANTS: tuple[tuple[str, str], ...] = (
@@ -207,28 +206,26 @@ def main(argv: list[str] | None = None) -> int:
     base = demo_config()
     base["skip"] = {"policy": "none"}
     base["train"]["epochs"] = args.epochs
+    variants = [
+        (f"{up}-{grad}", "", {"link": {**base["link"], "uplink": up, "gradients": grad}})
+        for up, grad in args.variant_list
+    ]
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for uplink, gradients in args.variant_list:
-        config = copy.deepcopy(base)
-        config["link"].update(uplink=uplink, gradients=gradients)
-        parse_config(config, f"bench config {uplink}/{gradients}")
-        console.print(f"[bold]{uplink}/{gradients}[/bold] ...", highlight=False)
-        result = run_split(config, label=f"{uplink}-{gradients}", keep_dir=args.keep_runs)
+    for label, config, result in run_variants(base, variants, console=console, keep_dir=args.keep_runs):
         metrics = measure(result)
         console.print(
             f"  acc {metrics['final_val_accuracy']:.4f}  up {metrics['uplink_bytes'] / MIB:.1f} MiB  "
             f"down {metrics['downlink_bytes'] / MIB:.1f} MiB  ({result.wall_seconds:.0f} s)", highlight=False,
         )
-        rows.append({"uplink": uplink, "gradients": gradients, "downlink": base["link"]["downlink"],
+        link = config["link"]
+        rows.append({"uplink": link["uplink"], "gradients": link["gradients"], "downlink": link["downlink"],
                      "metrics": metrics})
     compare(rows)
     title = (f"link codecs on the demo config (skip none, downlink {base['link']['downlink']}, "
              f"{args.epochs} epochs)")
-    console.print(table(rows, title))
-    if any(r["targets"] for r in rows):
-        console.print(targets_table(rows))
-    write_report(args.out, "bench_link", argv, {
+    targets = targets_table(rows) if any(r["targets"] for r in rows) else None
+    publish(console, [table(rows, title), targets], args.out, "bench_link", argv, {
         "base_config": base,
         "epochs": args.epochs,
         "total_seconds": time.perf_counter() - started,
@@ -236,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
                     for up, (r, p) in TARGETS.items()},
         "runs": rows,
     })
-    console.print(f"wrote {args.out}")
     return 0
 
 

@@ -11,7 +11,6 @@ short run (6 epochs x 44 steps = 264 steps): CAC's defaults assume 5000+ iterati
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from rich.table import Table  # noqa: E402
 
 from pipeline.config import ACTIVATION_CODECS, parse_config  # noqa: E402
 from pipeline.report import ReportError, freeze_savings  # noqa: E402
-from split_run import MIB, RunResult, boundary_timeline, demo_config, report_console, run_split, write_report  # noqa: E402
+from split_run import MIB, RunResult, boundary_timeline, demo_config, publish, report_console, run_variants  # noqa: E402
 
 #: ``[skip]`` of each policy, tuned on the demo (MobileNetV2 x0.25 on digits, edge head = layers
 #: [0, 2), 44 steps per epoch, cosine lr).  What the tuning found (local runs of the demo):
@@ -226,27 +225,21 @@ def main(argv: list[str] | None = None) -> int:
     base["train"]["epochs"] = args.epochs
     # none first: the others are compared with it.
     order = sorted(args.policy_list, key=lambda p: p != "none")
+    variants = [(name, describe(POLICIES[name]), {"skip": dict(POLICIES[name])}) for name in order]
+    edge_head = parse_config(base).partition.edge_head
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for name in order:
-        config = copy.deepcopy(base)
-        config["skip"] = dict(POLICIES[name])
-        parsed = parse_config(config, f"bench config for {name}")  # fail fast with the config's own message
-        console.print(f"[bold]{name}[/bold]: {describe(config['skip'])} ...", highlight=False)
-        result = run_split(config, label=name, keep_dir=args.keep_runs)
-        metrics = measure(result, parsed.partition.edge_head)
+    for name, config, result in run_variants(base, variants, console=console, keep_dir=args.keep_runs):
+        metrics = measure(result, edge_head)
         console.print(
             f"  acc {metrics['final_val_accuracy']:.4f}  link {metrics['link_bytes'] / MIB:.1f} MiB  "
             f"boundary {metrics['boundary_timeline']}  ({result.wall_seconds:.0f} s)", highlight=False,
         )
         rows.append({"policy": name, "skip": config["skip"], "metrics": metrics})
     compare(rows)
-    title = (f"skip policies on the demo config (uplink {args.uplink}, {args.epochs} epochs, "
-             f"edge head [0, {parse_config(base).partition.edge_head}))")
-    console.print(table(rows, title))
-    if any(r["targets"] for r in rows):
-        console.print(targets_table(rows))
-    write_report(args.out, "bench_skip", argv, {
+    title = f"skip policies on the demo config (uplink {args.uplink}, {args.epochs} epochs, edge head [0, {edge_head}))"
+    targets = targets_table(rows) if any(r["targets"] for r in rows) else None
+    publish(console, [table(rows, title), targets], args.out, "bench_skip", argv, {
         "base_config": base,
         "uplink": args.uplink,
         "epochs": args.epochs,
@@ -255,7 +248,6 @@ def main(argv: list[str] | None = None) -> int:
                     "downlink_gradient_bytes_after_head_froze": 0},
         "runs": rows,
     })
-    console.print(f"wrote {args.out}")
     return 0
 
 

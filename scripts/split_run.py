@@ -1,6 +1,7 @@
 """Launch a cloud+edge pair as processes (as users do) on a config dict and read the run dir back."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -10,18 +11,29 @@ import statistics
 import tempfile
 import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.table import Table
 
 from pipeline.config import parse_config
 from pipeline.launch import LaunchError, edge_command, run_edge, start_cloud, stop, tail
 from pipeline.report import Run, load_run
 
-__all__ = ["RunResult", "SplitRunError", "boundary_timeline", "demo_config", "report_console", "run_split", "write_report"]
+__all__ = [
+    "RunResult",
+    "SplitRunError",
+    "boundary_timeline",
+    "demo_config",
+    "publish",
+    "report_console",
+    "run_split",
+    "run_variants",
+    "write_report",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = float(1 << 20)
@@ -129,3 +141,41 @@ def write_report(out: Path, benchmark: str, argv: list[str] | None, fields: dict
         **fields,
     }
     out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def run_variants(
+    base: Mapping[str, Mapping[str, Any]],
+    variants: Sequence[tuple[str, str, Mapping[str, Mapping[str, Any]]]],
+    *,
+    console: Console,
+    keep_dir: Path | None,
+) -> Iterator[tuple[str, dict[str, Any], RunResult]]:
+    """Train ``base`` once per variant ``(label, detail, sections)``, split over loopback.
+
+    ``sections`` replace whole sections of ``base``; every config is validated before anything
+    starts, so a typo fails fast with the config's own message.  Yields (label, config, result).
+    """
+    configs = []
+    for label, detail, sections in variants:
+        config = {**copy.deepcopy(dict(base)), **copy.deepcopy(dict(sections))}
+        parse_config(config, f"bench config {label}")
+        configs.append((label, detail, config))
+    for label, detail, config in configs:
+        console.print(f"[bold]{label}[/bold]{': ' + detail if detail else ''} ...", highlight=False)
+        yield label, config, run_split(config, label=label, keep_dir=keep_dir)
+
+
+def publish(
+    console: Console,
+    tables: Sequence[Table | None],
+    out: Path,
+    benchmark: str,
+    argv: list[str] | None,
+    fields: dict[str, Any],
+) -> None:
+    """Print a benchmark's tables and write its JSON report."""
+    for table in tables:
+        if table is not None:
+            console.print(table)
+    write_report(out, benchmark, argv, fields)
+    console.print(f"wrote {out}")

@@ -104,17 +104,24 @@ def test_unknown_section_names_it_and_the_allowed_sections(tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("old", "new", "key"),
     [
+        # wrong types
         ("chunks = 4", 'chunks = "4"', "partition.chunks"),
         ("lr = 0.1", 'lr = "fast"', "train.lr"),
         ("input_shape = [1, 8, 8]", "input_shape = [1, 8]", "model.input_shape"),
         ("seed = 3", "seed = 3.5", "model.seed"),
         ("edge_head = 1", "edge_head = true", "partition.edge_head"),
+        # values out of range
+        ("edge_head = 1", "edge_head = -1", "partition.edge_head"),
+        ("chunks = 4", "chunks = 0", "partition.chunks"),
+        ("batch_size = 32", "batch_size = 0", "train.batch_size"),
+        ("lr = 0.1", "lr = 0.0", "train.lr"),
+        ("input_shape = [1, 8, 8]", "input_shape = [1, 0, 8]", "model.input_shape"),
+        ('dataset = "synthetic"', 'dataset = "imagenet"', "train.dataset"),
     ],
 )
-def test_wrong_type_names_the_key_and_the_value(tmp_path: Path, old: str, new: str, key: str) -> None:
+def test_a_bad_value_names_its_key(tmp_path: Path, old: str, new: str, key: str) -> None:
     assert old in GOOD
-    message = _error(tmp_path, GOOD.replace(old, new))
-    assert key in message
+    assert key in _error(tmp_path, GOOD.replace(old, new))
 
 
 def test_string_chunks_shows_what_was_given(tmp_path: Path) -> None:
@@ -167,17 +174,6 @@ def test_chunks_more_than_batch_size(tmp_path: Path) -> None:
     assert load_config(_write(tmp_path, GOOD.replace("chunks = 4", "chunks = 32"), "ok.toml")).partition.chunks == 32
 
 
-@pytest.mark.parametrize(("old", "new", "key"), [
-    ("edge_head = 1", "edge_head = -1", "partition.edge_head"),
-    ("chunks = 4", "chunks = 0", "partition.chunks"),
-    ("batch_size = 32", "batch_size = 0", "train.batch_size"),
-    ("lr = 0.1", "lr = 0.0", "train.lr"),
-    ("input_shape = [1, 8, 8]", "input_shape = [1, 0, 8]", "model.input_shape"),
-    ('dataset = "synthetic"', 'dataset = "imagenet"', "train.dataset"),
-])
-def test_out_of_range_values_name_the_key(tmp_path: Path, old: str, new: str, key: str) -> None:
-    assert old in GOOD
-    assert key in _error(tmp_path, GOOD.replace(old, new))
 
 
 def test_split_that_leaves_the_cloud_no_layer_is_refused(tmp_path: Path) -> None:
