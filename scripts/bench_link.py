@@ -1,6 +1,6 @@
 """Benchmark the link codecs: train the demo config split over loopback gRPC with each uplink/gradient codec.
 
-Every run is the demo's built-in configuration (``pipeline.demo.DEMO_CONFIG``) with
+Every run is the demo's built-in configuration (``edgepipe.demo.DEMO_CONFIG``) with
 ``[skip] policy = "none"`` and only ``link.uplink`` / ``link.gradients`` changed, launched as a user
 would (cloud server process + edge worker process). Ratios are against the all-fp32 run of the
 same invocation (uplink fp32, gradients fp32, the demo's downlink).

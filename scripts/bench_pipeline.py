@@ -33,8 +33,8 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from pipeline.config import parse_config  # noqa: E402
-from pipeline.demo import DEMO_CONFIG  # noqa: E402
-from pipeline.launch import LaunchError, cloud_command, edge_command, run_edge, start_cloud, stop, tail  # noqa: E402
+from edgepipe.demo import DEMO_CONFIG  # noqa: E402
+from edgepipe.launch import LaunchError, cloud_command, edge_command, run_edge, start_cloud, stop, tail  # noqa: E402
 
 _MIB = float(1 << 20)
 
@@ -275,7 +275,7 @@ def parser() -> argparse.ArgumentParser:
         description=(
             "Measure the training step time of the split edge/cloud pipeline against the one-process\n"
             "reference, for several partition.chunks values.\n\n"
-            "Configuration: the `edgepipe demo` configuration (pipeline.demo.DEMO_CONFIG) with\n"
+            "Configuration: the `edgepipe demo` configuration (edgepipe.demo.DEMO_CONFIG) with\n"
             "[skip] policy = \"none\" and fp32 on uplink, downlink and gradients, so nothing is frozen and\n"
             "no codec work is done: the pipeline itself is measured. train.batch_size is --batch-size;\n"
             "partition.chunks takes each --chunks value. Config files go to a temporary directory.\n\n"
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "threads": args.threads,
         },
-        "base_config": "pipeline.demo.DEMO_CONFIG",
+        "base_config": "edgepipe.demo.DEMO_CONFIG",
         "overrides": {**BENCH_OVERRIDES, "partition": {"chunks": "per run"},
                       "train": {"batch_size": args.batch_size, "epochs": "max(demo epochs, --steps)"}},
         "configs": {str(c): cfg for c, cfg in configs.items()},

@@ -1,6 +1,6 @@
 """Benchmark the skip controller: train the demo config split over loopback gRPC under each freeze policy.
 
-Every run is the demo's built-in configuration (``pipeline.demo.DEMO_CONFIG``) with only ``[skip]``
+Every run is the demo's built-in configuration (``edgepipe.demo.DEMO_CONFIG``) with only ``[skip]``
 replaced (and optionally ``link.uplink`` / ``train.epochs``), launched as a user would: a cloud
 server process and an edge worker process. The policy parameters below are tuned to the demo's
 short run (6 epochs x 44 steps = 264 steps): CAC's defaults assume 5000+ iterations.

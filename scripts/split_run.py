@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import parse_config
-from pipeline.launch import LaunchError, edge_command, run_edge, start_cloud, stop, tail
+from edgepipe.launch import LaunchError, edge_command, run_edge, start_cloud, stop, tail
 from pipeline.report import Run, load_run
 
 __all__ = [
@@ -44,8 +44,8 @@ SplitRunError = LaunchError
 
 
 def demo_config() -> dict[str, Any]:
-    """The demo's built-in configuration (``pipeline.demo.DEMO_CONFIG``) as nested dicts."""
-    from pipeline.demo import DEMO_CONFIG
+    """The demo's built-in configuration (``edgepipe.demo.DEMO_CONFIG``) as nested dicts."""
+    from edgepipe.demo import DEMO_CONFIG
 
     return tomllib.loads(DEMO_CONFIG)
 

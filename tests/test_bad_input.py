@@ -11,7 +11,7 @@ import grpc
 import pytest
 import torch
 
-from edge_node.__main__ import main as edge_main
+from edgepipe.edge_cli import main as edge_main
 from edge_node.link import LinkError
 from edge_node.worker import train
 from pipeline import wire

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cloud_node.__main__ import main as cloud_main
-from edge_node.__main__ import main as edge_main
+from edgepipe.cloud_cli import main as cloud_main
+from edgepipe.edge_cli import main as edge_main
 from edge_node.worker import train
-from pipeline.cli import main as edgepipe_main
+from edgepipe.cli import main as edgepipe_main
 from pipeline.config import load_config
 from pipeline.models import build_configured, layer_names
 from tests.conftest import SMALL_TOML, make_config
@@ -171,7 +171,7 @@ def test_cloud_cli_serves_a_training_run_and_stops_on_sigterm(tmp_path: Path) ->
     stderr_path = tmp_path / "cloud.stderr"
     with stderr_path.open("wb") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cloud_node", "--config", str(path), "--listen", "127.0.0.1:0", "--threads", "1"],
+            [sys.executable, "-m", "edgepipe.cloud_cli", "--config", str(path), "--listen", "127.0.0.1:0", "--threads", "1"],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=stderr,

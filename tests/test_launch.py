@@ -1,4 +1,4 @@
-"""pipeline.launch: the cloud server and an edge worker as real processes, as the scripts start them."""
+"""edgepipe.launch: the cloud server and an edge worker as real processes, as the scripts start them."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launch import LaunchError, edge_command, run_edge, start_cloud, stop
+from edgepipe.launch import LaunchError, edge_command, run_edge, start_cloud, stop
 from tests.conftest import SMALL_TOML
 
 
@@ -46,7 +46,7 @@ def test_an_edge_past_its_time_is_stopped(tmp_path: Path) -> None:
 
 def test_edge_command_names_where_the_cloud_is() -> None:
     local = edge_command("c.toml", cloud=None, run_dir="r", threads=2, epochs=3, name="e1", extra=["--x"])
-    assert local[1:3] == ["-m", "edge_node"]
+    assert local[1:3] == ["-m", "edgepipe.edge_cli"]
     assert local[3:] == ["--config", "c.toml", "--local", "--run-dir", "r", "--threads", "2", "--name", "e1",
                          "--epochs", "3", "--x"]
     split = edge_command("c.toml", cloud="127.0.0.1:5", run_dir="r", max_steps=4, progress=False)

@@ -35,7 +35,7 @@ class LaunchError(RuntimeError):
 
 def cloud_command(config_path: str | Path, *, listen: str = "127.0.0.1:0", threads: int = 1) -> list[str]:
     """The command line of a cloud server on ``config_path`` (port 0 in ``listen``: a free port)."""
-    return [sys.executable, "-m", "cloud_node", "--config", str(config_path), "--listen", listen,
+    return [sys.executable, "-m", "edgepipe.cloud_cli", "--config", str(config_path), "--listen", listen,
             "--threads", str(threads)]
 
 
@@ -59,7 +59,7 @@ def edge_command(
     bar off, and ``extra`` is appended as is.
     """
     where = ["--local"] if cloud is None else ["--cloud", cloud]
-    cmd = [sys.executable, "-m", "edge_node", "--config", str(config_path), *where, "--run-dir", str(run_dir),
+    cmd = [sys.executable, "-m", "edgepipe.edge_cli", "--config", str(config_path), *where, "--run-dir", str(run_dir),
            "--threads", str(threads)]
     if name is not None:
         cmd += ["--name", name]

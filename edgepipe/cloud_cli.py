@@ -10,7 +10,7 @@ from cloud_node.servicer import serve
 from pipeline.config import ConfigError, load_config
 from pipeline.models import ModelError
 from pipeline.partition import PartitionError
-from pipeline.process import configure_process
+from edgepipe.process import configure_process
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,7 +10,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.data import DataError
 from pipeline.models import ModelError
 from pipeline.partition import PartitionError
-from pipeline.process import configure_process
+from edgepipe.process import configure_process
 from pipeline.wire import WireError
 
 

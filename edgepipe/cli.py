@@ -40,7 +40,7 @@ def _traffic(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from edgepipe.demo import run_demo
 
     return run_demo(Path(args.run_dir), epochs=args.epochs)
 

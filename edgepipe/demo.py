@@ -5,7 +5,7 @@ import tomllib
 from pathlib import Path
 
 from pipeline.config import ConfigError, parse_config
-from pipeline.launch import edge_command, run_edge, start_cloud, stop
+from edgepipe.launch import edge_command, run_edge, start_cloud, stop
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
 
