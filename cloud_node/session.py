@@ -18,8 +18,7 @@ from pipeline.skip import (
     Decision,
     LayerStatistics,
     StepStats,
-    apply_boundary,
-    apply_lr_factors,
+    apply_decision,
     cac_parameter_layers,
     make_policy,
 )
@@ -82,9 +81,7 @@ class CloudSession:
     # -- the freeze boundary -------------------------------------------------------------
 
     def _apply(self, decision: Decision) -> None:
-        apply_boundary(decision.boundary, self.stage.layers, self.stage.offset, self.optimizer)
-        apply_lr_factors(self.optimizer, decision.lr_factors)
-        self.stage.boundary = decision.boundary
+        apply_decision(decision, self.stage, self.optimizer)
 
     @property
     def head_trains(self) -> bool:

@@ -20,8 +20,7 @@ from pipeline.skip import (
     LayerStat,
     LayerStatistics,
     StepStats,
-    apply_boundary,
-    apply_lr_factors,
+    apply_decision,
     cac_parameter_layers,
     make_policy,
 )
@@ -75,9 +74,7 @@ class LocalEngine:
         self._apply(self.decision)
 
     def _apply(self, decision: Decision) -> None:
-        apply_boundary(decision.boundary, self.model, 0, self.optimizer)
-        apply_lr_factors(self.optimizer, decision.lr_factors)
-        self.stage.boundary = decision.boundary
+        apply_decision(decision, self.stage, self.optimizer)
 
     def step(self, step: int, epoch: int, lr: float, x: torch.Tensor, y: torch.Tensor, epoch_end: bool) -> StepResult:
         """Forward every micro-batch, backward them in reverse (GPipe's order), step, decide."""
@@ -135,9 +132,7 @@ class SplitEngine:
 
     def _apply(self, decision: Decision) -> None:
         for stage, optimizer in ((self.head, self.head_optimizer), (self.tail, self.tail_optimizer)):
-            apply_boundary(decision.boundary, stage.layers, stage.offset, optimizer)
-            apply_lr_factors(optimizer, decision.lr_factors)
-            stage.boundary = decision.boundary
+            apply_decision(decision, stage, optimizer)
 
     @property
     def _optimizers(self) -> tuple[torch.optim.Optimizer, ...]:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pipeline.config import SkipSection
+from pipeline.stage import Stage
 
 __all__ = [
     "Decision",
@@ -20,6 +21,7 @@ __all__ = [
     "SkipPolicy",
     "StepStats",
     "apply_boundary",
+    "apply_decision",
     "apply_lr_factors",
     "cac_parameter_layers",
     "make_policy",
@@ -665,3 +667,13 @@ def apply_lr_factors(optimizer: torch.optim.Optimizer, factors: Mapping[int, flo
             raise ValueError(f"lr factor {factor} for layer {layer} is outside (0, 1]")
     for group in optimizer.param_groups:
         group["lr_factor"] = float(factors.get(group["layer"], 1.0))
+
+
+def apply_decision(decision: Decision, stage: Stage, optimizer: torch.optim.SGD) -> None:
+    """Apply a skip decision to one stage and its optimizer: the boundary, then the lr factors.
+
+    The one call every side makes after each decision (edge head and tail, cloud middle, local model).
+    """
+    apply_boundary(decision.boundary, stage.layers, stage.offset, optimizer)
+    apply_lr_factors(optimizer, decision.lr_factors)
+    stage.boundary = decision.boundary
