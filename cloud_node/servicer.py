@@ -6,17 +6,18 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 
 import grpc
+from torch import nn
 
 from cloud_node.session import CloudSession, SessionError
 from pipeline import wire
 from pipeline.codecs import CodecError
+from pipeline.blueprint import Blueprint
 from pipeline.config import Config
 from pipeline.handshake import describe_differences, fingerprint
-from pipeline.models import build_configured
 from protos import edgepipe_pb2 as pb
 from protos import edgepipe_pb2_grpc as pb_grpc
 
@@ -28,11 +29,11 @@ log = logging.getLogger("edgepipe.cloud")
 class CloudServicer(pb_grpc.CloudServicer):
     """Serves any number of edge sessions that run this server's configuration."""
 
-    def __init__(self, config: Config, *, max_sessions: int = 8, session_timeout: float = 1800.0) -> None:
-        self.config = config
-        model = build_configured(config.model)
-        self.fingerprint = fingerprint(config, model)
-        self.message_limit = wire.message_limit(config, model)
+    def __init__(self, blueprint: Blueprint, *, max_sessions: int = 8, session_timeout: float = 1800.0) -> None:
+        self.blueprint = blueprint
+        self.config = blueprint.config
+        self.fingerprint = fingerprint(blueprint.config, blueprint.model)
+        self.message_limit = wire.message_limit(blueprint.config, blueprint.model)
         self.max_sessions = max_sessions
         self.session_timeout = session_timeout
         self._sessions: dict[str, CloudSession] = {}
@@ -56,12 +57,6 @@ class CloudServicer(pb_grpc.CloudServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r} on this cloud; call Open first")
         return session
 
-    @property
-    def session_count(self) -> int:
-        """Open sessions."""
-        with self._lock:
-            return len(self._sessions)
-
     # -- calls ---------------------------------------------------------------------------
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenReply:
@@ -82,7 +77,7 @@ class CloudServicer(pb_grpc.CloudServicer):
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"this cloud already serves {self.max_sessions} sessions (--max-sessions)",
                 )
-        session = CloudSession(uuid.uuid4().hex, self.config)
+        session = CloudSession(uuid.uuid4().hex, self.blueprint)
         with self._lock:
             self._sessions[session.id] = session
         log.info("session %s opened for edge %r", session.id, request.edge_name or "?")
@@ -145,24 +140,39 @@ class CloudServicer(pb_grpc.CloudServicer):
         return pb.CloseReply()
 
 
-def serve(config: Config, listen: str, *, max_sessions: int = 8, workers: int = 16) -> tuple[grpc.Server, int, CloudServicer]:
+def serve(
+    config: Config,
+    listen: str,
+    *,
+    max_sessions: int = 8,
+    workers: int = 16,
+    model_factory: Callable[[], nn.Sequential] | None = None,
+) -> tuple[grpc.Server, int, CloudServicer]:
     """Start a server for ``config`` on ``listen`` (``HOST:PORT``, port 0 picks one).
 
-    Returns the started server, the bound port and the servicer.
+    ``model_factory`` builds the model instead of ``[model] name`` (the edges must build the
+    same). Returns the started server, the bound port and the servicer. Raises
+    :class:`pipeline.config.ConfigError` for a configuration that cannot train and
+    :class:`OSError` when the address cannot be bound (in use, or not this machine's).
     """
-    servicer = CloudServicer(config, max_sessions=max_sessions)
+    servicer = CloudServicer(Blueprint(config, model_factory), max_sessions=max_sessions)
     limit = servicer.message_limit
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgepipe-cloud"),
         options=[
             ("grpc.max_send_message_length", limit),
             ("grpc.max_receive_message_length", limit),
+            # Without this a second server on the same port "listens" too and takes half the edges.
+            ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=workers,
     )
     pb_grpc.add_CloudServicer_to_server(servicer, server)
-    port = server.add_insecure_port(listen)
+    try:
+        port = server.add_insecure_port(listen)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {listen}: address in use or not local")
+        raise OSError(f"cannot listen on {listen}: the port is in use or the address is not this machine's")
     server.start()
     return server, port, servicer

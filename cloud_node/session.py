@@ -1,6 +1,7 @@
 """One edge's session on the cloud: its middle stage, optimizer and the skip controller's decisions."""
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections.abc import Iterator
@@ -10,19 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import wire
-from pipeline.config import Config
-from pipeline.models import build_configured
-from pipeline.optim import build_optimizer, set_learning_rate
-from pipeline.partition import cut_shapes, make_cuts, split
-from pipeline.skip import (
-    Decision,
-    LayerStatistics,
-    StepStats,
-    apply_decision,
-    cac_parameter_layers,
-    make_policy,
-)
-from pipeline.stage import Stage
+from pipeline.blueprint import Blueprint
+from pipeline.partition import split
+from pipeline.skip import StepStats
+from pipeline.trainer import StageTrainer
 from protos import edgepipe_pb2 as pb
 
 __all__ = ["CloudSession", "SessionError"]
@@ -48,29 +40,23 @@ class CloudSession:
     micro-batch completed; anything else aborts the step and leaves the session as it was.
     """
 
-    def __init__(self, session_id: str, config: Config) -> None:
+    def __init__(self, session_id: str, blueprint: Blueprint) -> None:
         self.id = session_id
-        self.config = config
-        model = build_configured(config.model)
-        self.num_layers = len(model)
-        self.cuts = make_cuts(self.num_layers, config.partition.edge_head, config.partition.edge_tail)
-        self.uplink_shape, self.downlink_shape = cut_shapes(model, config.model.input_shape, self.cuts)
+        self.config = config = blueprint.config
+        # Every session trains its own copy of the untrained model the blueprint built.
+        model = copy.deepcopy(blueprint.model)
+        self.num_layers = blueprint.num_layers
+        self.cuts = blueprint.cuts
+        self.uplink_shape, self.downlink_shape = blueprint.uplink_shape, blueprint.downlink_shape
         _, middle, _ = split(model, self.cuts)
-        self.stage = Stage(middle, self.cuts.middle_start)
-        self.optimizer = build_optimizer(middle, self.cuts.middle_start, config.train)
-        self.statistics = LayerStatistics(middle, self.cuts.middle_start)
-        self.policy = make_policy(
-            config.skip,
-            num_layers=self.num_layers,
-            edge_tail=config.partition.edge_tail,
-            epochs=config.train.epochs,
-            param_layers=cac_parameter_layers(model),
-        )
+        self.trainer = StageTrainer(middle, self.cuts.middle_start, config.train)
+        self.stage = self.trainer.stage
+        self.policy = blueprint.new_policy()
         self.loss_on_cloud = config.partition.edge_tail == 0
         self.max_batch = config.micro_batch_size
         self.next_step = 0
         self.decision = self.policy.initial()
-        self._apply(self.decision)
+        self.trainer.apply(self.decision)
         self.lock = threading.Lock()
         self.last_used = time.monotonic()
         self.clock = wire.CodecClock()
@@ -79,9 +65,6 @@ class CloudSession:
         self._reset_step()
 
     # -- the freeze boundary -------------------------------------------------------------
-
-    def _apply(self, decision: Decision) -> None:
-        apply_decision(decision, self.stage, self.optimizer)
 
     @property
     def head_trains(self) -> bool:
@@ -106,8 +89,7 @@ class CloudSession:
     def abort_step(self) -> None:
         """Forget an unfinished step: no optimizer step, BatchNorm statistics restored."""
         if self._begin is not None:
-            self.stage.abort_step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self.trainer.abort()
         self._reset_step()
 
     def handle(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
@@ -147,9 +129,7 @@ class CloudSession:
             )
         if not begin.lr > 0:
             raise wire.WireError(f"learning rate must be positive, got {begin.lr}")
-        self.optimizer.zero_grad(set_to_none=True)
-        set_learning_rate(self.optimizer, begin.lr)
-        self.stage.begin_step()
+        self.trainer.begin(begin.lr)
         self.clock.take()
         self._begin = begin
 
@@ -225,8 +205,7 @@ class CloudSession:
                 f"{len(self._gradients)}/{expected_gradients} gradients"
             )
         edge_stats = wire.stats_from_message(frame.end.stats, num_layers=self.num_layers)
-        self.optimizer.step()
-        own = self.statistics.collect(epoch_end=frame.end.epoch_end)
+        own = self.trainer.commit(epoch_end=frame.end.epoch_end)
         stats = StepStats(
             step=frame.step,
             epoch=self._begin.epoch,
@@ -235,7 +214,7 @@ class CloudSession:
             layers=tuple(sorted(edge_stats + own, key=lambda s: s.index)),
         )
         self.decision = self.policy.decide(stats)
-        self._apply(self.decision)
+        self.trainer.apply(self.decision)
         encode_seconds, decode_seconds = self.clock.take()
         done = pb.StepDone(
             decision=wire.decision_to_message(self.decision),

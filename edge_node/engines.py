@@ -3,28 +3,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from edge_node.link import CloudLink, LinkError
+from edge_node.link import CloudLink, LinkError, StepCall
 from pipeline import wire
+from pipeline.blueprint import Blueprint
 from pipeline.codecs import payload_bytes
-from pipeline.config import Config
-from pipeline.optim import build_optimizer, set_learning_rate
-from pipeline.partition import Cuts, cut_shapes, split
-from pipeline.skip import (
-    Decision,
-    LayerStat,
-    LayerStatistics,
-    StepStats,
-    apply_decision,
-    cac_parameter_layers,
-    make_policy,
-)
-from pipeline.stage import Stage
+from pipeline.partition import split
+from pipeline.skip import Decision, StepStats
+from pipeline.trainer import StageTrainer
 from protos import edgepipe_pb2 as pb
 
 __all__ = ["LocalEngine", "SplitEngine", "StepResult"]
@@ -57,47 +47,34 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor, samples: int) -> torch.Ten
 class LocalEngine:
     """The whole model in this process: the reference a split run must match."""
 
-    def __init__(self, config: Config, model: nn.Sequential) -> None:
-        self.config = config
-        self.model = model
-        self.stage = Stage(model, 0)
-        self.optimizer = build_optimizer(model, 0, config.train)
-        self.statistics = LayerStatistics(model, 0)
-        self.policy = make_policy(
-            config.skip,
-            num_layers=len(model),
-            edge_tail=config.partition.edge_tail,
-            epochs=config.train.epochs,
-            param_layers=cac_parameter_layers(model),
-        )
+    def __init__(self, blueprint: Blueprint) -> None:
+        self.config = blueprint.config
+        self.model = blueprint.model
+        self.trainer = StageTrainer(self.model, 0, self.config.train)
+        self.policy = blueprint.new_policy()
         self.decision = self.policy.initial()
-        self._apply(self.decision)
-
-    def _apply(self, decision: Decision) -> None:
-        apply_decision(decision, self.stage, self.optimizer)
+        self.trainer.apply(self.decision)
 
     def step(self, step: int, epoch: int, lr: float, x: torch.Tensor, y: torch.Tensor, epoch_end: bool) -> StepResult:
         """Forward every micro-batch, backward them in reverse (GPipe's order), step, decide."""
-        self.optimizer.zero_grad(set_to_none=True)
-        set_learning_rate(self.optimizer, lr)
-        self.stage.begin_step()
+        stage = self.trainer.stage
+        self.trainer.begin(lr)
         micro = _micro_batches(x, y, self.config.partition.chunks)
-        losses = [_loss(self.stage.forward(index, xi), yi, len(y)) for index, (xi, yi) in enumerate(micro)]
+        losses = [_loss(stage.forward(index, xi), yi, len(y)) for index, (xi, yi) in enumerate(micro)]
         start = time.perf_counter()
         for index in reversed(range(len(micro))):
-            self.stage.backward(index, loss=losses[index])
+            stage.backward(index, loss=losses[index])
         backward = time.perf_counter() - start
         total = sum(loss.item() for loss in losses)
-        self.optimizer.step()
-        stats = StepStats(step, epoch, epoch_end, lr, tuple(self.statistics.collect(epoch_end=epoch_end)))
+        stats = StepStats(step, epoch, epoch_end, lr, tuple(self.trainer.commit(epoch_end=epoch_end)))
         self.decision = self.policy.decide(stats)
-        self._apply(self.decision)
+        self.trainer.apply(self.decision)
         return StepResult(total, self.decision, edge_backward_seconds=backward)
 
     def evaluate_many(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         """Logits of each batch, eval mode."""
         for xb in batches:
-            yield self.stage.evaluate(xb)
+            yield self.trainer.stage.evaluate(xb)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The trained model."""
@@ -107,155 +84,192 @@ class LocalEngine:
         """Nothing to release."""
 
 
-class SplitEngine:
-    """Edge head and tail here, the middle on the cloud; one gRPC stream per step."""
+@dataclass
+class _Step:
+    """One split step in flight: its micro-batches and what has come back so far."""
 
-    def __init__(self, config: Config, model: nn.Sequential, cuts: Cuts, link: CloudLink, edge_name: str) -> None:
-        self.config = config
-        self.model = model
-        self.cuts = cuts
+    step: int
+    call: StepCall
+    micro: list[tuple[torch.Tensor, torch.Tensor]]
+    sent: int = 0
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    head_gradients: set[int] = field(default_factory=set)
+    backward_seconds: float = 0.0
+    fp32_extra: int = 0
+
+    @property
+    def samples(self) -> int:
+        return sum(len(yi) for _, yi in self.micro)
+
+    def frame(self, session: str, index: int = 0, **body: object) -> pb.StepFrame:
+        return pb.StepFrame(session=session, step=self.step, micro_batch=index, **body)
+
+    def expect(self, frame: pb.StepFrame, kind: str, seen: object) -> int:
+        """The micro-batch index of a reply of ``kind``; anything unexpected breaks the step."""
+        index = frame.micro_batch
+        body = frame.WhichOneof("body")
+        if frame.step != self.step or body != kind or not 0 <= index < self.sent or index in seen:
+            raise LinkError(
+                f"unexpected {body!r} frame from the cloud (step {frame.step}, micro-batch {index}) "
+                f"while waiting for {kind} frames of step {self.step}"
+            )
+        return index
+
+
+class SplitEngine:
+    """Edge head and tail here, the middle on the cloud; one gRPC stream per step.
+
+    A step runs in phases, as the cloud's handlers do: begin; forward and send (with each
+    returning output received and run through the tail as it arrives); backward and send
+    output gradients; receive head gradients and run the head backward; end.
+    """
+
+    def __init__(self, blueprint: Blueprint, link: CloudLink, edge_name: str) -> None:
+        self.config = blueprint.config
+        self.model = blueprint.model
+        self.cuts = blueprint.cuts
         self.link = link
-        self.uplink_shape, self.downlink_shape = cut_shapes(model, config.model.input_shape, cuts)
-        head, _, tail = split(model, cuts)
-        self.head = Stage(head, 0)
-        self.tail = Stage(tail, cuts.middle_stop)
-        self.head_optimizer = build_optimizer(head, 0, config.train)
-        self.tail_optimizer = build_optimizer(tail, cuts.middle_stop, config.train)
-        self.head_statistics = LayerStatistics(head, 0)
-        self.tail_statistics = LayerStatistics(tail, cuts.middle_stop)
-        self.max_batch = config.micro_batch_size
+        self.uplink_shape, self.downlink_shape = blueprint.uplink_shape, blueprint.downlink_shape
+        head, _, tail = split(self.model, self.cuts)
+        self.head = StageTrainer(head, 0, self.config.train)
+        self.tail = StageTrainer(tail, self.cuts.middle_stop, self.config.train)
+        self.max_batch = self.config.micro_batch_size
         self.clock = wire.CodecClock()
         # Stochastic rounding draws from its own seeded generator: runs repeat exactly.
-        self.rounding = torch.Generator().manual_seed(config.model.seed + 1)
+        self.rounding = torch.Generator().manual_seed(self.config.model.seed + 1)
         self.decision = link.open(edge_name)
         self._apply(self.decision)
 
     def _apply(self, decision: Decision) -> None:
-        for stage, optimizer in ((self.head, self.head_optimizer), (self.tail, self.tail_optimizer)):
-            apply_decision(decision, stage, optimizer)
+        self.head.apply(decision)
+        self.tail.apply(decision)
 
     @property
-    def _optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
-        return (self.head_optimizer, self.tail_optimizer)
+    def _head_trains(self) -> bool:
+        return self.decision.boundary < self.cuts.edge_head
 
-    def _frame(self, step: int, index: int = 0, **body: object) -> pb.StepFrame:
-        return pb.StepFrame(session=self.link.session, step=step, micro_batch=index, **body)
+    @property
+    def _middle_trains(self) -> bool:
+        return self.decision.boundary < self.cuts.middle_stop
 
-    @staticmethod
-    def _check_reply(frame: pb.StepFrame, step: int, kind: str, sent: int, seen: object) -> int:
-        index = frame.micro_batch
-        body = frame.WhichOneof("body")
-        if frame.step != step or body != kind or not 0 <= index < sent or index in seen:
-            raise LinkError(
-                f"unexpected {body!r} frame from the cloud (step {frame.step}, micro-batch {index}) "
-                f"while waiting for {kind} frames of step {step}"
-            )
-        return index
+    @property
+    def _loss_on_cloud(self) -> bool:
+        return self.cuts.edge_tail == 0
 
     def step(self, step: int, epoch: int, lr: float, x: torch.Tensor, y: torch.Tensor, epoch_end: bool) -> StepResult:
         """Stream the micro-batches through the cloud, then step both sides' optimizers."""
-        boundary = self.decision.boundary
-        head_trains = boundary < self.cuts.edge_head
-        middle_trains = boundary < self.cuts.middle_stop
-        loss_on_cloud = self.cuts.edge_tail == 0
         micro = _micro_batches(x, y, self.config.partition.chunks)
-        chunks, samples = len(micro), len(y)
-        codec = self.config.link
-
-        for optimizer in self._optimizers:
-            optimizer.zero_grad(set_to_none=True)
-            set_learning_rate(optimizer, lr)
-        self.head.begin_step()
-        self.tail.begin_step()
-        self.clock.take()
-        call = self.link.step()
+        run = _Step(step, self.link.step(), micro)
         try:
-            call.send(
-                self._frame(step, begin=pb.StepBegin(epoch=epoch, lr=lr, chunks=chunks, boundary=boundary, samples=samples))
-            )
-            expect_gradients = chunks if head_trains else 0
-            sent = gradients = fp32_extra = 0
-            losses: dict[int, torch.Tensor] = {}
-            # Forward phase: micro-batch i+1 goes up before i comes back; outputs coming back
-            # go through the tail as they arrive.
-            while sent < chunks or len(losses) < (0 if loss_on_cloud else chunks):
-                frame = call.poll() if sent < chunks else call.receive()
-                if frame is None:
-                    xi, yi = micro[sent]
-                    activation = self.head.forward(sent, xi)
-                    message = wire.encode_tensor(activation, codec.uplink, "activation", clock=self.clock)
-                    fp32_extra += 4 * activation.numel() - payload_bytes(codec.uplink, tuple(activation.shape))
-                    labels = yi.tolist() if loss_on_cloud else []
-                    call.send(self._frame(step, sent, activation=message, labels=labels))
-                    sent += 1
-                    continue
-                index = self._check_reply(frame, step, "activation", sent, losses)
-                z = wire.decode_tensor(
-                    frame.activation, sample_shape=self.downlink_shape, max_batch=self.max_batch,
-                    what="downlink activation", clock=self.clock,
-                )
-                out = self.tail.forward(index, z, input_grad=middle_trains)
-                losses[index] = _loss(out, micro[index][1], samples)
-            # Backward phase, in reverse micro-batch order as torchgpipe.GPipe runs it, so that
-            # gradients accumulate in the same order and the result is bit-identical.
-            backward = 0.0
-            for index in reversed(sorted(losses)):
-                start = time.perf_counter()
-                grad = self.tail.backward(index, loss=losses[index])
-                backward += time.perf_counter() - start
-                if middle_trains:
-                    message = wire.encode_tensor(
-                        grad, codec.gradients, "gradient", clock=self.clock, generator=self.rounding
-                    )
-                    call.send(self._frame(step, index, gradient=message))
-            done_gradients: set[int] = set()
-            while gradients < expect_gradients:
-                frame = call.receive()
-                index = self._check_reply(frame, step, "gradient", sent, done_gradients)
-                grad = wire.decode_tensor(
-                    frame.gradient, sample_shape=self.uplink_shape, max_batch=self.max_batch,
-                    what="downlink gradient", clock=self.clock,
-                )
-                start = time.perf_counter()
-                self.head.backward(index, grad)
-                backward += time.perf_counter() - start
-                done_gradients.add(index)
-                gradients += 1
-            total = sum(loss.item() for loss in losses.values())
-
-            for optimizer in self._optimizers:
-                optimizer.step()
-            stats: list[LayerStat] = self.head_statistics.collect(epoch_end=epoch_end)
-            stats += self.tail_statistics.collect(epoch_end=epoch_end)
-            call.send(self._frame(step, end=pb.StepEnd(epoch_end=epoch_end, stats=wire.stats_to_message(stats))))
-            reply = call.receive()
-            if reply.WhichOneof("body") != "done":
-                raise LinkError(f"expected the cloud's step-done frame, got {reply.WhichOneof('body')!r}")
-            call.finish()
+            self._begin(run, epoch, lr)
+            self._forward_and_send(run)
+            self._backward_and_send_gradients(run)
+            self._receive_head_gradients(run)
+            done = self._end(run, epoch_end)
         except BaseException:
-            call.cancel()
-            self.head.abort_step()
-            self.tail.abort_step()
+            run.call.cancel()
+            self.head.abort()
+            self.tail.abort()
             raise
-        done = reply.done
         self.decision = wire.decision_from_message(done.decision)
         self._apply(self.decision)
         return StepResult(
-            loss=done.loss if loss_on_cloud else total,
+            loss=done.loss if self._loss_on_cloud else sum(loss.item() for loss in run.losses.values()),
             decision=self.decision,
-            edge_backward_seconds=backward,
+            edge_backward_seconds=run.backward_seconds,
             cloud_backward_seconds=done.backward_seconds,
             edge_codec_seconds=self.clock.take(),
             cloud_codec_seconds=(done.encode_seconds, done.decode_seconds),
-            uplink_fp32_extra_bytes=fp32_extra,
+            uplink_fp32_extra_bytes=run.fp32_extra,
         )
+
+    # -- the phases ----------------------------------------------------------------------
+
+    def _begin(self, run: _Step, epoch: int, lr: float) -> None:
+        self.head.begin(lr)
+        self.tail.begin(lr)
+        self.clock.take()
+        begin = pb.StepBegin(
+            epoch=epoch, lr=lr, chunks=len(run.micro), boundary=self.decision.boundary, samples=run.samples
+        )
+        run.call.send(run.frame(self.link.session, begin=begin))
+
+    def _forward_and_send(self, run: _Step) -> None:
+        # Micro-batch i+1 goes up before i comes back; outputs coming back go through the tail
+        # as they arrive, so edge compute overlaps the link and the cloud.
+        returning = 0 if self._loss_on_cloud else len(run.micro)
+        while run.sent < len(run.micro) or len(run.losses) < returning:
+            frame = run.call.poll() if run.sent < len(run.micro) else run.call.receive()
+            if frame is None:
+                self._send_activation(run)
+            else:
+                self._receive_and_tail(run, frame)
+
+    def _send_activation(self, run: _Step) -> None:
+        index = run.sent
+        xi, yi = run.micro[index]
+        activation = self.head.stage.forward(index, xi)
+        uplink = self.config.link.uplink
+        message = wire.encode_tensor(activation, uplink, "activation", clock=self.clock)
+        run.fp32_extra += 4 * activation.numel() - payload_bytes(uplink, tuple(activation.shape))
+        labels = yi.tolist() if self._loss_on_cloud else []
+        run.call.send(run.frame(self.link.session, index, activation=message, labels=labels))
+        run.sent += 1
+
+    def _receive_and_tail(self, run: _Step, frame: pb.StepFrame) -> None:
+        index = run.expect(frame, "activation", run.losses)
+        z = wire.decode_tensor(
+            frame.activation, sample_shape=self.downlink_shape, max_batch=self.max_batch,
+            what="downlink activation", clock=self.clock,
+        )
+        out = self.tail.stage.forward(index, z, input_grad=self._middle_trains)
+        run.losses[index] = _loss(out, run.micro[index][1], run.samples)
+
+    def _backward_and_send_gradients(self, run: _Step) -> None:
+        # Reverse micro-batch order, as torchgpipe.GPipe runs it, so that gradients accumulate
+        # in the same order and the result is bit-identical.
+        for index in sorted(run.losses, reverse=True):
+            start = time.perf_counter()
+            grad = self.tail.stage.backward(index, loss=run.losses[index])
+            run.backward_seconds += time.perf_counter() - start
+            if self._middle_trains:
+                message = wire.encode_tensor(
+                    grad, self.config.link.gradients, "gradient", clock=self.clock, generator=self.rounding
+                )
+                run.call.send(run.frame(self.link.session, index, gradient=message))
+
+    def _receive_head_gradients(self, run: _Step) -> None:
+        expected = len(run.micro) if self._head_trains else 0
+        while len(run.head_gradients) < expected:
+            frame = run.call.receive()
+            index = run.expect(frame, "gradient", run.head_gradients)
+            grad = wire.decode_tensor(
+                frame.gradient, sample_shape=self.uplink_shape, max_batch=self.max_batch,
+                what="downlink gradient", clock=self.clock,
+            )
+            start = time.perf_counter()
+            self.head.stage.backward(index, grad)
+            run.backward_seconds += time.perf_counter() - start
+            run.head_gradients.add(index)
+
+    def _end(self, run: _Step, epoch_end: bool) -> pb.StepDone:
+        stats = self.head.commit(epoch_end=epoch_end) + self.tail.commit(epoch_end=epoch_end)
+        end = pb.StepEnd(epoch_end=epoch_end, stats=wire.stats_to_message(stats))
+        run.call.send(run.frame(self.link.session, end=end))
+        reply = run.call.receive()
+        if reply.WhichOneof("body") != "done":
+            raise LinkError(f"expected the cloud's step-done frame, got {reply.WhichOneof('body')!r}")
+        run.call.finish()
+        return reply.done
+
+    # -- evaluation and the final weights -----------------------------------------------
 
     def evaluate_many(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         """Logits of each batch in order: head here, middle on the cloud (forward-only), tail here."""
 
         def frames() -> Iterator[pb.EvalFrame]:
             for index, xb in enumerate(batches):
-                activation = self.head.evaluate(xb)
+                activation = self.head.stage.evaluate(xb)
                 message = wire.encode_tensor(activation, self.config.link.uplink, "activation")
                 yield pb.EvalFrame(session=self.link.session, batch=index, activation=message)
 
@@ -266,7 +280,7 @@ class SplitEngine:
                 reply.activation, sample_shape=self.downlink_shape, max_batch=self.max_batch,
                 what="evaluation output",
             )
-            yield self.tail.evaluate(z)
+            yield self.tail.stage.evaluate(z)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole trained model: the edge's layers plus the cloud's, fetched as raw tensors."""

@@ -106,8 +106,11 @@ class StepCall:
 class CloudLink:
     """The edge's connection to one cloud; every message crosses :class:`TrafficMeter` here."""
 
-    def __init__(self, address: str, config: Config, model: nn.Sequential, meter: TrafficMeter) -> None:
+    def __init__(
+        self, address: str, config: Config, model: nn.Sequential, meter: TrafficMeter, *, connect_timeout: float = 30.0
+    ) -> None:
         self.address = address
+        self.connect_timeout = connect_timeout
         self.config = config
         self.meter = meter
         self.session = ""
@@ -142,12 +145,14 @@ class CloudLink:
         factory = getattr(self._channel, arity)
         return factory(_SERVICE + name, request_serializer=serialize, response_deserializer=deserialize)
 
-    def open(self, edge_name: str, connect_timeout: float = 30.0) -> Decision:
+    def open(self, edge_name: str) -> Decision:
         """Handshake; returns the freeze decision for step 0."""
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=connect_timeout)
+            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
         except grpc.FutureTimeoutError:
-            raise LinkError(f"cannot reach the cloud at {self.address} (waited {connect_timeout:.0f} s)") from None
+            raise LinkError(
+                f"cannot reach the cloud at {self.address} (waited {self.connect_timeout:g} s, --connect-timeout)"
+            ) from None
         request = pb.OpenRequest(
             fingerprint=self._fingerprint,
             config_json=json.dumps(self.config.agreed(), sort_keys=True),

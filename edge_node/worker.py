@@ -4,26 +4,56 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
 
 from edge_node.engines import LocalEngine, SplitEngine, StepResult
 from edge_node.link import CloudLink
+from pipeline.blueprint import Blueprint
 from pipeline.checkpoint import save_json, save_state
 from pipeline.config import Config
 from pipeline.data import DataError, Dataset, load_dataset, mini_batches, training_batches
-from pipeline.models import build_configured
 from pipeline.optim import learning_rate
-from pipeline.partition import make_cuts
 from pipeline.traffic import TrafficCounts, TrafficMeter
 
-__all__ = ["train"]
+__all__ = ["EpochReport", "StepReport", "train"]
 
-_MIB = float(1 << 20)
+
+@dataclass(frozen=True)
+class StepReport:
+    """Passed to ``on_step`` after every optimizer step; ``record`` is its metrics.jsonl line."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    epochs: int
+    loss: float
+    boundary: int
+    link_bytes: int
+    record: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """Passed to ``on_epoch`` after every evaluation; ``record`` is its metrics.jsonl line."""
+
+    epoch: int
+    epochs: int
+    val_loss: float
+    val_accuracy: float
+    boundary: int
+    uplink_bytes: int
+    downlink_bytes: int
+    record: dict[str, Any]
+
+
+_TIMING_KEYS = ("uplink_activation_fp32_bytes", "edge_backward_seconds", "cloud_backward_seconds",
+                "edge_encode_seconds", "edge_decode_seconds", "cloud_encode_seconds", "cloud_decode_seconds")
 
 
 def _step_line(
@@ -63,34 +93,66 @@ def _evaluate(engine: LocalEngine | SplitEngine, data: Dataset, batch_size: int)
     return loss_sum / len(data), correct / len(data)
 
 
-class _Progress:
-    """Steps, loss and link MiB on stderr while training; one line per epoch on stdout."""
+@dataclass
+class _Run:
+    """The state of the training loop that outlives one step."""
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  link {task.fields[mib]:.2f} MiB  boundary {task.fields[boundary]}"),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-            disable=not enabled,
-            transient=True,
-        )
-        self._task = self._progress.add_task("training", total=total, loss=math.nan, mib=0.0, boundary=0)
+    config: Config
+    engine: LocalEngine | SplitEngine
+    meter: TrafficMeter
+    metrics: TextIO
+    epochs: int
+    total_steps: int
+    steps_per_epoch: int
+    on_step: Callable[[StepReport], None] | None
+    on_epoch: Callable[[EpochReport], None] | None
+    step: int = 0
+    val_accuracy: float = math.nan
 
-    def __enter__(self) -> _Progress:
-        self._progress.start()
-        return self
+    def __post_init__(self) -> None:
+        self.boundary = self.engine.decision.boundary
+        self.freeze_events = [{"step": 0, "boundary": self.boundary}] if self.boundary else []
+        self.totals: dict[str, float] = dict.fromkeys(_TIMING_KEYS, 0.0)
+        self.totals["uplink_activation_fp32_bytes"] = 0
 
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+    def train_epoch(self, epoch: int, data: Dataset) -> None:
+        train = self.config.train
+        batches = training_batches(data, train.batch_size, seed=self.config.model.seed, epoch=epoch)
+        for position, (x, y) in enumerate(batches):
+            if self.step >= self.total_steps:
+                break
+            epoch_end = position == self.steps_per_epoch - 1 or self.step == self.total_steps - 1
+            self.train_step(epoch, x, y, epoch_end)
 
-    def step(self, loss: float, link_bytes: int, boundary: int) -> None:
-        self._progress.update(self._task, advance=1, loss=loss, mib=link_bytes / _MIB, boundary=boundary)
+    def train_step(self, epoch: int, x: Any, y: Any, epoch_end: bool) -> None:
+        lr = learning_rate(self.config.train, self.step, self.total_steps)
+        before = self.meter.snapshot()
+        tick = time.perf_counter()
+        result = self.engine.step(self.step, epoch, lr, x, y, epoch_end)
+        seconds = time.perf_counter() - tick
+        line = _step_line(self.step, epoch, lr, self.boundary, seconds, result, self.meter.snapshot() - before)
+        for key in self.totals:
+            self.totals[key] += line[key]
+        _write(self.metrics, line)
+        if result.decision.boundary != self.boundary:
+            self.boundary = result.decision.boundary
+            self.freeze_events.append({"step": self.step + 1, "boundary": self.boundary})
+        self.step += 1
+        if self.on_step is not None:
+            link = self.meter.snapshot()
+            self.on_step(StepReport(self.step - 1, self.total_steps, epoch, self.epochs, result.loss, self.boundary,
+                                    link.total("uplink") + link.total("downlink"), line))
 
-    def epoch(self, line: str) -> None:
-        print(line, flush=True)
+    def evaluate(self, epoch: int, data: Dataset, batch_size: int) -> None:
+        before = self.meter.snapshot()
+        val_loss, self.val_accuracy = _evaluate(self.engine, data, batch_size)
+        eval_traffic = (self.meter.snapshot() - before).to_json()
+        line = {"epoch": epoch, "val_loss": val_loss, "val_accuracy": self.val_accuracy, **eval_traffic}
+        _write(self.metrics, line)
+        if self.on_epoch is not None:
+            link = self.meter.snapshot()
+            self.on_epoch(EpochReport(epoch, self.epochs, val_loss, self.val_accuracy, self.boundary,
+                                      link.total("uplink"), link.total("downlink"), line))
 
 
 def train(
@@ -100,20 +162,30 @@ def train(
     cloud: str | None = None,
     epochs: int | None = None,
     max_steps: int | None = None,
-    progress: bool = True,
     edge_name: str = "edge",
+    connect_timeout: float = 30.0,
+    model_factory: Callable[[], nn.Sequential] | None = None,
+    data: tuple[Dataset, Dataset] | None = None,
+    on_step: Callable[[StepReport], None] | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> dict[str, Any]:
-    """Train ``config`` split with the cloud at ``cloud`` (or in one process when it is None).
+    """Train ``config`` split with the cloud at ``cloud`` (``HOST:PORT``), or in one process when it is None.
 
-    Writes ``metrics.jsonl`` as it goes and ``summary.json`` and ``model.pt`` at the end, all in
-    ``run_dir``; returns the summary.  Raises :class:`edge_node.link.LinkError` when the cloud
-    fails, :class:`pipeline.data.DataError` for unusable data.
+    Quiet: progress goes to ``on_step`` / ``on_epoch`` when given. ``model_factory`` builds
+    the model instead of ``[model] name`` (the cloud must be served with the same);
+    ``data`` is ``(train, validation)`` instead of ``[train] dataset``. Writes
+    ``metrics.jsonl`` as it goes and ``summary.json`` and ``model.pt`` at the end, all in
+    ``run_dir``; returns the summary. Raises :class:`pipeline.config.ConfigError` for a
+    configuration that cannot train, :class:`edge_node.link.LinkError` when the cloud fails,
+    :class:`pipeline.data.DataError` for unusable data and :class:`OSError` when the run
+    directory cannot be written.
     """
     started = time.perf_counter()
+    blueprint = Blueprint(config, model_factory)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     epochs = epochs or config.train.epochs
-    train_data, val_data = load_dataset(
+    train_data, val_data = data if data is not None else load_dataset(
         config.train.dataset,
         input_shape=config.model.input_shape,
         num_classes=config.model.num_classes,
@@ -129,72 +201,34 @@ def train(
     total_steps = epochs * steps_per_epoch if limit is None else min(limit, epochs * steps_per_epoch)
     eval_batch = config.train.eval_batch_size or config.micro_batch_size
 
-    model = build_configured(config.model)
     meter = TrafficMeter()
     engine: LocalEngine | SplitEngine
-    if cloud is None:
-        engine = LocalEngine(config, model)
-    else:
-        cuts = make_cuts(len(model), config.partition.edge_head, config.partition.edge_tail)
-        engine = SplitEngine(config, model, cuts, CloudLink(cloud, config, model, meter), edge_name)
-
-    freeze_events: list[dict[str, int]] = []
-    boundary = engine.decision.boundary
-    if boundary:
-        freeze_events.append({"step": 0, "boundary": boundary})
-    val_accuracy = math.nan
-    step = 0
-    totals = {"uplink_activation_fp32_bytes": 0, "edge_backward_seconds": 0.0, "cloud_backward_seconds": 0.0, "edge_encode_seconds": 0.0,
-              "edge_decode_seconds": 0.0, "cloud_encode_seconds": 0.0, "cloud_decode_seconds": 0.0}
-    metrics_path = run_dir / "metrics.jsonl"
-    try:
-        with metrics_path.open("w", encoding="utf-8") as metrics, _Progress(total_steps, progress) as bar:
+    with (run_dir / "metrics.jsonl").open("w", encoding="utf-8") as metrics:
+        if cloud is None:
+            engine = LocalEngine(blueprint)
+        else:
+            link = CloudLink(cloud, config, blueprint.model, meter, connect_timeout=connect_timeout)
+            engine = SplitEngine(blueprint, link, edge_name)
+        try:
+            run = _Run(config, engine, meter, metrics, epochs, total_steps, steps_per_epoch, on_step, on_epoch)
             for epoch in range(epochs):
-                if step >= total_steps:
+                if run.step >= total_steps:
                     break
-                batches = training_batches(train_data, config.train.batch_size, seed=config.model.seed, epoch=epoch)
-                for position, (x, y) in enumerate(batches):
-                    if step >= total_steps:
-                        break
-                    epoch_end = position == steps_per_epoch - 1 or step == total_steps - 1
-                    lr = learning_rate(config.train, step, total_steps)
-                    before = meter.snapshot()
-                    tick = time.perf_counter()
-                    result = engine.step(step, epoch, lr, x, y, epoch_end)
-                    seconds = time.perf_counter() - tick
-                    line = _step_line(step, epoch, lr, boundary, seconds, result, meter.snapshot() - before)
-                    for key in totals:
-                        totals[key] += line[key]
-                    _write(metrics, line)
-                    if result.decision.boundary != boundary:
-                        boundary = result.decision.boundary
-                        freeze_events.append({"step": step + 1, "boundary": boundary})
-                    step += 1
-                    link = meter.snapshot()
-                    bar.step(result.loss, link.total("uplink") + link.total("downlink"), boundary)
-                before = meter.snapshot()
-                val_loss, val_accuracy = _evaluate(engine, val_data, eval_batch)
-                eval_traffic = (meter.snapshot() - before).to_json()
-                _write(metrics, {"epoch": epoch, "val_loss": val_loss, "val_accuracy": val_accuracy, **eval_traffic})
-                link = meter.snapshot()
-                bar.epoch(
-                    f"epoch {epoch + 1}/{epochs}: val_loss {val_loss:.4f}  val_accuracy {val_accuracy:.4f}  "
-                    f"boundary {boundary}  link up {link.total('uplink') / _MIB:.2f} MiB  "
-                    f"down {link.total('downlink') / _MIB:.2f} MiB"
-                )
-        state = engine.state_dict()
-    finally:
-        engine.close()
+                run.train_epoch(epoch, train_data)
+                run.evaluate(epoch, val_data, eval_batch)
+            state = engine.state_dict()
+        finally:
+            engine.close()
     save_state(state, run_dir / "model.pt")
     summary = {
         "mode": "local" if cloud is None else "split",
-        "steps": step,
+        "steps": run.step,
         "epochs": epochs,
         "wall_seconds": time.perf_counter() - started,
-        "final_val_accuracy": val_accuracy,
+        "final_val_accuracy": run.val_accuracy,
         "traffic": meter.snapshot().to_json(),
-        "freeze_events": freeze_events,
-        **{key: round(value, 6) if isinstance(value, float) else value for key, value in totals.items()},
+        "freeze_events": run.freeze_events,
+        **{key: round(value, 6) if isinstance(value, float) else value for key, value in run.totals.items()},
         "config": config.to_dict(),
     }
     save_json(summary, run_dir / "summary.json")

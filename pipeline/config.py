@@ -8,6 +8,8 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.codecs import codec_names
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -19,11 +21,6 @@ __all__ = [
     "load_config",
     "parse_config",
 ]
-
-#: Codec names the configuration accepts; pipeline.codecs is the registry that implements them
-#: and a test keeps the two in step.
-ACTIVATION_CODECS = ("fp32", "fp16", "bf16", "int8", "int4")
-GRADIENT_CODECS = ACTIVATION_CODECS + ("int8-sr",)
 
 #: The largest gRPC message the configuration may ask for.  Larger cut tensors mean the
 #: micro-batch is too big: raise partition.chunks instead.
@@ -72,9 +69,10 @@ class PartitionSection(_Section):
 class LinkSection(_Section):
     """`[link]`: how tensors are encoded on the link and how large a message may be."""
 
-    uplink: Literal[ACTIVATION_CODECS] = "fp32"  # type: ignore[valid-type]
-    downlink: Literal[ACTIVATION_CODECS] = "fp32"  # type: ignore[valid-type]
-    gradients: Literal[GRADIENT_CODECS] = "fp32"  # type: ignore[valid-type]
+    # The codec registry is the one list of names: a codec added there is accepted here.
+    uplink: Literal[codec_names("activation")] = "fp32"  # type: ignore[valid-type]
+    downlink: Literal[codec_names("activation")] = "fp32"  # type: ignore[valid-type]
+    gradients: Literal[codec_names("gradient")] = "fp32"  # type: ignore[valid-type]
     max_message_mib: int = Field(64, ge=1, le=MAX_MESSAGE_MIB)
     timeout_seconds: float = Field(120.0, gt=0)
 
@@ -184,6 +182,16 @@ class Config(_Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _schedule_starts_in_time(self) -> Config:
+        # Only the schedule policy reads c2 (the stray-key check refuses it elsewhere).
+        if self.skip.policy == "schedule" and self.skip.c2 >= self.train.epochs:
+            raise ValueError(
+                f"skip.c2 ({self.skip.c2}) is the epoch freezing starts: "
+                f"make it smaller than train.epochs ({self.train.epochs})"
+            )
+        return self
+
     @property
     def micro_batch_size(self) -> int:
         """The largest micro-batch any frame may carry (training and evaluation)."""
@@ -253,6 +261,10 @@ def load_config(path: str | Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); save it as UTF-8"
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

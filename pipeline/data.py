@@ -14,6 +14,8 @@ __all__ = ["DataError", "Dataset", "load_dataset", "mini_batches", "training_bat
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2470, 0.2435, 0.2616)
 _CIFAR_RECORD = 1 + 3 * 32 * 32
+_CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+_CIFAR_TEST_FILE = "test_batch.bin"
 
 
 class DataError(ValueError):
@@ -88,15 +90,21 @@ def _read_cifar(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _cifar10(directory: Path, input_shape: tuple[int, int, int]) -> tuple[Dataset, Dataset]:
-    train_files = sorted(directory.glob("data_batch_*.bin"))
-    test_file = directory / "test_batch.bin"
-    if not train_files or not test_file.exists():
+    if not directory.is_dir():
         raise DataError(
-            f"{directory} holds no CIFAR-10 binary version (data_batch_1.bin ... test_batch.bin); "
-            "download and unpack cifar-10-binary.tar.gz there (the pickled python version is not read)"
+            f"{directory} is not a directory: train.dataset 'cifar10:DIR' names where the CIFAR-10 "
+            "binary version is unpacked"
         )
-    train_x, train_y = _read_cifar(train_files)
-    test_x, test_y = _read_cifar([test_file])
+    # All six or nothing: a partly unpacked archive would otherwise train on part of the data.
+    missing = [name for name in (*_CIFAR_TRAIN_FILES, _CIFAR_TEST_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise DataError(
+            f"{directory} lacks the CIFAR-10 binary file(s) {', '.join(missing)}: unpack all of "
+            "cifar-10-binary.tar.gz there (data_batch_1.bin ... data_batch_5.bin, test_batch.bin; "
+            "the pickled python version is not read)"
+        )
+    train_x, train_y = _read_cifar([directory / name for name in _CIFAR_TRAIN_FILES])
+    test_x, test_y = _read_cifar([directory / _CIFAR_TEST_FILE])
     return Dataset(_fit_shape(train_x, input_shape), train_y), Dataset(_fit_shape(test_x, input_shape), test_y)
 
 

@@ -6,7 +6,8 @@ import importlib
 import inspect
 import math
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -19,9 +20,6 @@ class ModelError(ValueError):
 
 
 MODEL_NAMES: tuple[str, ...] = ("tinycnn", "mobilenetv2", "resnet18")
-
-# Widths above this only multiply cost; they also guard against a typo like width=10.
-_MAX_WIDTH = 4.0
 
 
 def build_model(
@@ -38,33 +36,19 @@ def build_model(
     called with whichever of ``num_classes``, ``input_shape`` and ``width`` it accepts and
     must return an ``nn.Sequential``. Weights are drawn under a forked RNG seeded with
     ``seed``, so equal arguments give bit-identical weights in any process and the
-    caller's global RNG state is left untouched.
+    caller's global RNG state is left untouched. The arguments are the ``[model]`` section's,
+    which the configuration schema has already checked.
     """
-    num_classes = _check_num_classes(num_classes)
-    input_shape = _check_input_shape(input_shape)
-    width = _check_width(width)
+    offered = {"num_classes": num_classes, "input_shape": tuple(input_shape), "width": width}
+    if name in _BUILDERS:
+        with _seeded(seed):
+            return _BUILDERS[name](**offered)
     if ":" in name:
-        factory, label = _load_factory(name)
-    elif name in _BUILDERS:
-        factory, label = _BUILDERS[name], name
-    else:
-        raise ModelError(
-            f"unknown model name {name!r}: use one of {', '.join(MODEL_NAMES)} "
-            "or a user model as 'package.module:factory'"
-        )
-    kwargs = _accepted_kwargs(factory, {"num_classes": num_classes, "input_shape": input_shape, "width": width})
-    # devices=[]: the models are built on the CPU; forking CUDA RNGs would only add cost and warnings.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = factory(**kwargs)
-    if not isinstance(model, nn.Sequential):
-        raise ModelError(
-            f"model factory {label!r} returned {type(model).__name__}, not torch.nn.Sequential: "
-            "return the layers as a flat nn.Sequential so they can be split between edge and cloud"
-        )
-    if len(model) == 0:
-        raise ModelError(f"model factory {label!r} returned an empty nn.Sequential: give it at least one layer")
-    return model
+        return build_from_factory(_load_factory(name), name, seed=seed, offered=offered)
+    raise ModelError(
+        f"unknown model name {name!r}: use one of {', '.join(MODEL_NAMES)} "
+        "or a user model as 'package.module:factory'"
+    )
 
 
 def build_configured(section: ModelSection) -> nn.Sequential:
@@ -78,6 +62,33 @@ def build_configured(section: ModelSection) -> nn.Sequential:
     )
 
 
+def build_from_factory(
+    factory: Callable[..., object], label: str, *, seed: int, offered: Mapping[str, object] | None = None
+) -> nn.Sequential:
+    """Call a user's model ``factory`` (named ``label`` in errors) under a forked RNG seeded with ``seed``.
+
+    It gets the entries of ``offered`` its signature accepts (none when ``offered`` is None) and
+    must return a non-empty ``nn.Sequential``; anything else, including an exception it raises,
+    is a one-line :class:`ModelError` that names the factory and how it was called.
+    """
+    kwargs = _accepted_kwargs(factory, label, dict(offered or {}))
+    with _seeded(seed):
+        try:
+            model = factory(**kwargs)
+        except Exception as exc:  # any failure inside user code is the user's to fix
+            raise ModelError(
+                f"model factory {label!r} failed when called as {_call(label, kwargs)}: {_one_line(exc)}"
+            ) from exc
+    if not isinstance(model, nn.Sequential):
+        raise ModelError(
+            f"model factory {label!r} returned {type(model).__name__}, not torch.nn.Sequential: "
+            "return the layers as a flat nn.Sequential so they can be split between edge and cloud"
+        )
+    if len(model) == 0:
+        raise ModelError(f"model factory {label!r} returned an empty nn.Sequential: give it at least one layer")
+    return model
+
+
 def layer_names(model: nn.Sequential) -> list[str]:
     """Names of the top-level children of ``model``, in order (one per partitionable layer)."""
     # _modules, not named_children(): the latter skips a module instance used twice,
@@ -85,34 +96,18 @@ def layer_names(model: nn.Sequential) -> list[str]:
     return list(model._modules)
 
 
-# ---------------------------------------------------------------------------- argument checks
-
-
-def _check_num_classes(num_classes: int) -> int:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ModelError(f"num_classes must be a positive integer, got {num_classes!r}")
-    return num_classes
-
-
-def _check_input_shape(input_shape: tuple[int, int, int]) -> tuple[int, int, int]:
-    shape = tuple(input_shape)
-    if len(shape) != 3 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
-        raise ModelError(f"input_shape must be three positive integers [channels, height, width], got {input_shape!r}")
-    return shape  # type: ignore[return-value]
-
-
-def _check_width(width: float) -> float:
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width):
-        raise ModelError(f"width must be a number in (0, {_MAX_WIDTH:g}], got {width!r}")
-    if not 0 < width <= _MAX_WIDTH:
-        raise ModelError(f"width must be in (0, {_MAX_WIDTH:g}], got {width!r}")
-    return float(width)
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    # devices=[]: the models are built on the CPU; forking CUDA RNGs would only add cost and warnings.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 # ---------------------------------------------------------------------------- user factories
 
 
-def _load_factory(spec: str) -> tuple[Callable[..., object], str]:
+def _load_factory(spec: str) -> Callable[..., object]:
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
         raise ModelError(f"user model {spec!r} must look like 'package.module:factory'")
@@ -120,32 +115,61 @@ def _load_factory(spec: str) -> tuple[Callable[..., object], str]:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any failure while importing user code is the user's to fix
         raise ModelError(
-            f"cannot import module {module_name!r} for model {spec!r}: {exc}; "
+            f"cannot import module {module_name!r} for model {spec!r}: {_one_line(exc)}; "
             "check that it is installed or on PYTHONPATH"
         ) from exc
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise ModelError(f"module {module_name!r} has no callable {attr!r} to build model {spec!r}")
-    return factory, spec
+    return factory
 
 
-def _accepted_kwargs(factory: Callable[..., object], offered: dict[str, object]) -> dict[str, object]:
-    """The subset of ``offered`` that ``factory``'s signature accepts."""
+def _accepted_kwargs(factory: Callable[..., object], label: str, offered: dict[str, object]) -> dict[str, object]:
+    """The subset of ``offered`` that ``factory``'s signature accepts; refuses one that needs more."""
     try:
-        params = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):  # no introspectable signature: offer everything
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # no introspectable signature: offer everything, the call will tell
         return offered
+    params = signature.parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return offered
-    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return {k: v for k, v in offered.items() if k in names}
+        kwargs = offered
+    else:
+        names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        kwargs = {k: v for k, v in offered.items() if k in names}
+    try:
+        signature.bind(**kwargs)
+    except TypeError as exc:
+        fix = (
+            f"edgepipe passes only the keyword arguments {', '.join(offered)} it names, so give any other "
+            "parameter a default"
+            if offered
+            else "edgepipe calls it with no arguments, so give every parameter a default"
+        )
+        raise ModelError(f"model factory {label!r} cannot be called as {_call(label, kwargs)}: {exc}; {fix}") from None
+    return kwargs
+
+
+def _call(label: str, kwargs: Mapping[str, object]) -> str:
+    return f"{label}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc`` as ``Type: first line of its message``, for one-line errors about user code."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 # ---------------------------------------------------------------------------- tinycnn
 
 
+#: tinycnn averages its last feature map over this many cells per side.
+_TINYCNN_GRID = 4
+
+
 def _tinycnn(*, num_classes: int, input_shape: tuple[int, int, int], width: float) -> nn.Sequential:
     # No BatchNorm on purpose: this is the plain case where split training must match exactly.
+    # GroupNorm normalises each sample on its own (no batch statistics, no buffers), so
+    # micro-batching cannot change it; without it the default run learns only at some seeds.
     c_in, height, wid = input_shape
     if height < 2 or wid < 2:
         raise ModelError(f"tinycnn max-pools by 2 and needs input height and width >= 2, got {list(input_shape)}")
@@ -153,12 +177,22 @@ def _tinycnn(*, num_classes: int, input_shape: tuple[int, int, int], width: floa
     c2 = max(1, round(16 * width))
     return nn.Sequential(
         OrderedDict(
-            block1=nn.Sequential(nn.Conv2d(c_in, c1, 3, padding=1), nn.ReLU(inplace=True)),
-            block2=nn.Sequential(nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
-            pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
-            fc=nn.Linear(c2, num_classes),
+            block1=nn.Sequential(nn.Conv2d(c_in, c1, 3, padding=1), _group_norm(c1), nn.ReLU(inplace=True)),
+            block2=nn.Sequential(
+                nn.Conv2d(c1, c2, 3, padding=1), _group_norm(c2), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+            ),
+            # A 4x4 grid, not a global average: two 3x3 convolutions see 6x6 pixels, and averaging
+            # them over the whole image keeps how much stroke there is but not where, which is
+            # what tells digits apart (with a global average the defaults stay at chance).
+            pool=nn.Sequential(nn.AdaptiveAvgPool2d(_TINYCNN_GRID), nn.Flatten()),
+            fc=nn.Linear(c2 * _TINYCNN_GRID**2, num_classes),
         )
     )
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    # Four groups where the channels divide into them (narrow widths get fewer).
+    return nn.GroupNorm(math.gcd(4, channels), channels)
 
 
 # ---------------------------------------------------------------------------- mobilenetv2 (CIFAR)

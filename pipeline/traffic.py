@@ -5,12 +5,14 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DIRECTIONS", "KINDS", "TrafficCounts", "TrafficMeter"]
+__all__ = ["DIRECTIONS", "KINDS", "MIB", "TrafficCounts", "TrafficMeter"]
 
 #: ``uplink`` is edge -> cloud, ``downlink`` cloud -> edge.
 DIRECTIONS = ("uplink", "downlink")
 #: Every frame is one of these: tensors going forward, gradients going back, or control.
 KINDS = ("activation", "gradient", "control")
+#: Bytes in a mebibyte: traffic is reported in MiB everywhere.
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)

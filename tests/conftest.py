@@ -13,6 +13,7 @@ import grpc
 
 from cloud_node.servicer import CloudServicer, serve
 from protos import edgepipe_pb2_grpc as pb_grpc
+from pipeline.blueprint import Blueprint
 from pipeline.config import Config, parse_config
 
 
@@ -77,7 +78,7 @@ class RecordingServicer(CloudServicer):
     """The real servicer, keeping every step frame it receives and noting each it sends."""
 
     def __init__(self, config: Config) -> None:
-        super().__init__(config)
+        super().__init__(Blueprint(config))
         self.received: list = []
         self.sent: list[tuple[int, str]] = []
 

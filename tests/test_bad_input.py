@@ -145,7 +145,7 @@ def test_worker_with_a_different_partition_is_refused(cloud, tmp_path: Path) -> 
     address = cloud(make_config())
     edge_config = make_config(partition={"edge_head": 2})
     with pytest.raises(LinkError) as info:
-        train(edge_config, run_dir=tmp_path / "run", cloud=address, max_steps=2, progress=False)
+        train(edge_config, run_dir=tmp_path / "run", cloud=address, max_steps=2)
     message = str(info.value)
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "FAILED_PRECONDITION" in message
@@ -248,7 +248,7 @@ def _send_bad(client: RawClient, session: str, make: Callable[[RawClient], pb.St
 def test_the_shapes_this_file_assumes(setup) -> None:
     # The expectations in MALFORMED are written for tinycnn [1, 8, 8] cut after layer 1.
     config, _, client = setup
-    assert client.uplink == (8, 8, 8) and client.downlink == (16,)
+    assert client.uplink == (8, 8, 8) and client.downlink == (256,)
     assert config.micro_batch_size == _MICRO
 
 
@@ -273,7 +273,7 @@ def test_training_works_after_all_bad_frames(setup, tmp_path: Path) -> None:
     session = client.open()
     for make, _ in MALFORMED.values():
         _send_bad(client, session, make)
-    summary = train(config, run_dir=tmp_path / "run", cloud=address, max_steps=2, progress=False)
+    summary = train(config, run_dir=tmp_path / "run", cloud=address, max_steps=2)
     assert summary["steps"] == 2
     assert all(math.isfinite(json.loads(line)["loss"])
                for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"step"' in line)
@@ -407,7 +407,7 @@ def test_message_over_the_bound_is_resource_exhausted(cloud, bound_mib: int, tmp
         # The server still serves: the other session, a new one, and a whole training run.
         run_good_step(client, other, step=0)
         run_good_step(client, client.open(), step=0)
-        summary = train(config, run_dir=tmp_path / "run", cloud=address, max_steps=2, progress=False)
+        summary = train(config, run_dir=tmp_path / "run", cloud=address, max_steps=2)
         assert summary["steps"] == 2
     finally:
         client.close()

@@ -27,7 +27,7 @@ def test_split_training_learns_with_codec(uplink, gradients, tmp_path, cloud):
         link={"uplink": uplink, "downlink": uplink, "gradients": gradients},
         train={"lr": 0.2, "epochs": 3},
     )
-    summary = train(config, run_dir=tmp_path / "run", cloud=cloud(config), max_steps=STEPS, progress=False)
+    summary = train(config, run_dir=tmp_path / "run", cloud=cloud(config), max_steps=STEPS)
     losses = [line["loss"] for line in _step_lines(tmp_path / "run")]
     assert sum(losses[-4:]) < 0.85 * sum(losses[:4]), f"loss did not fall with {uplink}/{gradients}: {losses}"
     assert summary["final_val_accuracy"] > 0.25
@@ -38,7 +38,7 @@ def test_int8_uplink_shrinks_activation_bytes(tmp_path, cloud):
     runs = {}
     for codec in ("fp32", "int8", "int4"):
         config = make_config(link={"uplink": codec})
-        train(config, run_dir=tmp_path / codec, cloud=cloud(config), max_steps=3, progress=False)
+        train(config, run_dir=tmp_path / codec, cloud=cloud(config), max_steps=3)
         runs[codec] = _step_lines(tmp_path / codec)
     fp32 = sum(line["by_kind"]["activation"]["uplink_bytes"] for line in runs["fp32"])
     for codec, bound in (("int8", 0.26), ("int4", 0.14)):

@@ -8,19 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import codecs
-from pipeline.config import (
-    ACTIVATION_CODECS,
-    GRADIENT_CODECS,
-    Config,
-    ConfigError,
-    SkipPolicyName,
-    load_config,
-    parse_config,
-)
+from pipeline.codecs import codec_names
+from pipeline.config import Config, ConfigError, SkipPolicyName, load_config, parse_config
 from pipeline.handshake import describe_differences
-from pipeline.models import build_model
-from pipeline.partition import PartitionError, make_cuts
 from tests.conftest import make_config
 
 GOOD = """
@@ -116,6 +106,9 @@ def test_unknown_section_names_it_and_the_allowed_sections(tmp_path: Path) -> No
         ("batch_size = 32", "batch_size = 0", "train.batch_size"),
         ("lr = 0.1", "lr = 0.0", "train.lr"),
         ("input_shape = [1, 8, 8]", "input_shape = [1, 0, 8]", "model.input_shape"),
+        ("num_classes = 10", "num_classes = 1", "model.num_classes"),
+        ("seed = 3", "seed = 3\nwidth = 0.0", "model.width"),
+        ("seed = 3", "seed = 3\nwidth = 4.5", "model.width"),
         ('dataset = "synthetic"', 'dataset = "imagenet"', "train.dataset"),
     ],
 )
@@ -129,14 +122,15 @@ def test_string_chunks_shows_what_was_given(tmp_path: Path) -> None:
     assert "partition.chunks" in message and "integer" in message and "'4'" in message
 
 
-@pytest.mark.parametrize(("key", "allowed"), [("uplink", ACTIVATION_CODECS), ("downlink", ACTIVATION_CODECS),
-                                              ("gradients", GRADIENT_CODECS)])
-def test_unknown_codec_names_the_allowed_ones(tmp_path: Path, key: str, allowed: tuple[str, ...]) -> None:
+@pytest.mark.parametrize(("key", "role"), [("uplink", "activation"), ("downlink", "activation"),
+                                           ("gradients", "gradient")])
+def test_unknown_codec_names_the_allowed_ones(tmp_path: Path, key: str, role: str) -> None:
     text = GOOD.replace("[link]\n", f'[link]\n{key} = "int9"\n')
     text = "\n".join(line for line in text.splitlines() if not line.startswith(f"{key} = ") or "int9" in line)
     message = _error(tmp_path, text)
     assert f"link.{key}" in message and "int9" in message
-    for codec in allowed:
+    # The codec registry is the list the configuration accepts.
+    for codec in codec_names(role):
         assert f"'{codec}'" in message
 
 
@@ -174,27 +168,19 @@ def test_chunks_more_than_batch_size(tmp_path: Path) -> None:
     assert load_config(_write(tmp_path, GOOD.replace("chunks = 4", "chunks = 32"), "ok.toml")).partition.chunks == 32
 
 
-
-
-def test_split_that_leaves_the_cloud_no_layer_is_refused(tmp_path: Path) -> None:
-    # The file alone cannot know the model's depth: the cut is refused where the model is known.
-    config = load_config(_write(tmp_path, GOOD.replace("edge_head = 1", "edge_head = 3")))
-    model = build_model(config.model.name, num_classes=10, input_shape=config.model.input_shape)
-    assert len(model) == 4
-    with pytest.raises(PartitionError) as info:
-        make_cuts(len(model), config.partition.edge_head, config.partition.edge_tail)
-    message = str(info.value)
-    assert "partition.edge_head" in message and "partition.edge_tail" in message
-    assert "no layer for the cloud" in message
-    assert "<= 3" in message  # the allowed values for this model
-    # One layer fewer on the edge and the cloud gets one.
-    cuts = make_cuts(len(model), 2, 1)
-    assert cuts.middle_stop - cuts.middle_start == 1
-
-
 def test_invalid_toml_names_the_file(tmp_path: Path) -> None:
     message = _error(tmp_path, GOOD.replace("chunks = 4", "chunks = = 4"))
     assert "not valid TOML" in message
+
+
+def test_a_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(GOOD.replace("tinycnn", "tinycnn\xe9").encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not UTF-8 text") and "0xe9" in message
+    assert "\n" not in message
 
 
 def test_missing_file_names_the_file(tmp_path: Path) -> None:
@@ -232,7 +218,7 @@ def test_to_dict_round_trips_through_parse_config(policy: str) -> None:
     config = make_config(
         skip={"policy": policy, **POLICY_SETTINGS[policy]},
         link={"uplink": "int4", "gradients": "int8-sr", "max_message_mib": 16},
-        train={"lr_schedule": "cosine", "max_steps": 7},
+        train={"lr_schedule": "cosine", "max_steps": 7, "epochs": 3},
     )
     data = config.to_dict()
     # As a run's summary.json stores it: through JSON.
@@ -251,7 +237,7 @@ def test_to_toml_round_trips_through_parse_config(policy: str) -> None:
         model={"width": 0.5},
         skip={"policy": policy, **POLICY_SETTINGS[policy]},
         link={"uplink": "int8", "gradients": "int8-sr", "timeout_seconds": 30.0},
-        train={"lr_schedule": "cosine", "max_steps": 7, "weight_decay": 0.0},
+        train={"lr_schedule": "cosine", "max_steps": 7, "weight_decay": 0.0, "epochs": 3},
     )
     text = config.to_toml()
     assert parse_config(tomllib.loads(text), "round trip") == config
@@ -259,11 +245,6 @@ def test_to_toml_round_trips_through_parse_config(policy: str) -> None:
     assert "eval_batch_size" not in text
     # The defaults round-trip too.
     assert parse_config(tomllib.loads(Config().to_toml())) == Config()
-
-
-def test_codec_lists_match_the_codec_registry() -> None:
-    assert ACTIVATION_CODECS == codecs.codec_names("activation")
-    assert GRADIENT_CODECS == codecs.codec_names("gradient")
 
 
 def test_describe_differences_names_only_the_differing_keys() -> None:

@@ -32,7 +32,7 @@ def test_frozen_head_stops_downlink_gradients(edge_tail, tmp_path, recording_clo
         skip={"policy": "manual", "stop_layers": [0], "stop_steps": [freeze_at]},
     )
     address, servicer = recording_cloud(config)
-    summary = train(config, run_dir=tmp_path / "split", cloud=address, max_steps=8, progress=False)
+    summary = train(config, run_dir=tmp_path / "split", cloud=address, max_steps=8)
 
     assert summary["freeze_events"] == [{"step": freeze_at, "boundary": 1}]
     gradients_sent = {step for step, kind in servicer.sent if kind == "gradient"}
@@ -66,7 +66,7 @@ def test_frozen_layers_stay_put_and_split_equals_local(tmp_path, cloud):
 
 
 def load_state_after(config: Config, run_dir: Path, address: str | None, *, steps: int) -> dict[str, torch.Tensor]:
-    train(config, run_dir=run_dir, cloud=address, max_steps=steps, progress=False)
+    train(config, run_dir=run_dir, cloud=address, max_steps=steps)
     return load_state(run_dir / "model.pt")
 
 
@@ -80,8 +80,8 @@ def test_automatic_policy_decides_the_same_split_and_local(tmp_path, cloud):
         skip={"policy": "cac-auto", "start_step": 1, "samples": 1, "start_thr": 0.9999, "slope_thr": 0.9999},
         train={"lr": 0.001, "weight_decay": 0.5},
     )
-    split = train(config, run_dir=tmp_path / "split", cloud=cloud(config), max_steps=10, progress=False)
-    local = train(config, run_dir=tmp_path / "local", max_steps=10, progress=False)
+    split = train(config, run_dir=tmp_path / "split", cloud=cloud(config), max_steps=10)
+    local = train(config, run_dir=tmp_path / "local", max_steps=10)
     assert split["freeze_events"], "the scaled thresholds must freeze something"
     assert split["freeze_events"] == local["freeze_events"]
     a, b = load_state(tmp_path / "split" / "model.pt"), load_state(tmp_path / "local" / "model.pt")

@@ -10,7 +10,7 @@ from tests.conftest import make_config
 def test_no_frame_carries_labels_or_inputs_when_the_edge_holds_the_tail(tmp_path, recording_cloud):
     config = make_config(partition={"edge_head": 1, "edge_tail": 1, "chunks": 4})
     address, servicer = recording_cloud(config)
-    train(config, run_dir=tmp_path / "run", cloud=address, max_steps=4, progress=False)
+    train(config, run_dir=tmp_path / "run", cloud=address, max_steps=4)
 
     model = build_model("tinycnn", num_classes=10, input_shape=(1, 8, 8), seed=0)
     uplink, downlink = cut_shapes(model, (1, 8, 8), make_cuts(len(model), 1, 1))
@@ -33,6 +33,6 @@ def test_no_frame_carries_labels_or_inputs_when_the_edge_holds_the_tail(tmp_path
 def test_labels_cross_only_when_the_loss_is_on_the_cloud(tmp_path, recording_cloud):
     config = make_config(partition={"edge_head": 1, "edge_tail": 0, "chunks": 4})
     address, servicer = recording_cloud(config)
-    train(config, run_dir=tmp_path / "run", cloud=address, max_steps=2, progress=False)
+    train(config, run_dir=tmp_path / "run", cloud=address, max_steps=2)
     activations = [f for f in servicer.received if f.WhichOneof("body") == "activation"]
     assert activations and all(len(f.labels) == f.activation.shape[0] for f in activations)

@@ -1,0 +1,44 @@
+"""A stage with its optimizer and skip statistics: the unit each side of a split run trains."""
+from __future__ import annotations
+
+from torch import nn
+
+from pipeline.config import TrainSection
+from pipeline.optim import build_optimizer, set_learning_rate
+from pipeline.skip import Decision, LayerStat, LayerStatistics, apply_decision
+from pipeline.stage import Stage
+
+__all__ = ["StageTrainer"]
+
+
+class StageTrainer:
+    """Layers ``[offset, offset + len(layers))`` of the model, trained as one unit.
+
+    The edge holds two (head and tail), the cloud one (the middle), the one-process reference
+    one (the whole model); all of them step through the same calls in the same order.
+    """
+
+    def __init__(self, layers: nn.Sequential, offset: int, train: TrainSection) -> None:
+        self.stage = Stage(layers, offset)
+        self.optimizer = build_optimizer(layers, offset, train)
+        self.statistics = LayerStatistics(layers, offset)
+
+    def apply(self, decision: Decision) -> None:
+        """Apply a skip decision (boundary and learning-rate factors) to the stage and optimizer."""
+        apply_decision(decision, self.stage, self.optimizer)
+
+    def begin(self, lr: float) -> None:
+        """Start a step at base learning rate ``lr``: clear gradients, remember BatchNorm buffers."""
+        self.optimizer.zero_grad(set_to_none=True)
+        set_learning_rate(self.optimizer, lr)
+        self.stage.begin_step()
+
+    def abort(self) -> None:
+        """Forget an unfinished step: no optimizer step, BatchNorm buffers as before it."""
+        self.stage.abort_step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def commit(self, *, epoch_end: bool) -> list[LayerStat]:
+        """Step the optimizer; return this stage's statistics for the skip controller."""
+        self.optimizer.step()
+        return self.statistics.collect(epoch_end=epoch_end)
