@@ -124,7 +124,9 @@ class SplitEngine:
     output gradients; receive head gradients and run the head backward; end.
     """
 
-    def __init__(self, blueprint: Blueprint, link: CloudLink, edge_name: str) -> None:
+    def __init__(
+        self, blueprint: Blueprint, link: CloudLink, edge_name: str, *, total_steps: int, steps_per_epoch: int
+    ) -> None:
         self.config = blueprint.config
         self.model = blueprint.model
         self.cuts = blueprint.cuts
@@ -137,7 +139,7 @@ class SplitEngine:
         self.clock = wire.CodecClock()
         # Stochastic rounding draws from its own seeded generator: runs repeat exactly.
         self.rounding = torch.Generator().manual_seed(self.config.model.seed + 1)
-        self.decision = link.open(edge_name)
+        self.decision = link.open(edge_name, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         self._apply(self.decision)
 
     def _apply(self, decision: Decision) -> None:

@@ -145,8 +145,8 @@ class CloudLink:
         factory = getattr(self._channel, arity)
         return factory(_SERVICE + name, request_serializer=serialize, response_deserializer=deserialize)
 
-    def open(self, edge_name: str) -> Decision:
-        """Handshake; returns the freeze decision for step 0."""
+    def open(self, edge_name: str, *, total_steps: int, steps_per_epoch: int) -> Decision:
+        """Handshake for a run of ``total_steps`` steps; returns the freeze decision for step 0."""
         try:
             grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
         except grpc.FutureTimeoutError:
@@ -157,6 +157,8 @@ class CloudLink:
             fingerprint=self._fingerprint,
             config_json=json.dumps(self.config.agreed(), sort_keys=True),
             edge_name=edge_name,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
         )
         try:
             reply = self._open(request, timeout=self.config.link.timeout_seconds)

@@ -208,7 +208,7 @@ def train(
             engine = LocalEngine(blueprint)
         else:
             link = CloudLink(cloud, config, blueprint.model, meter, connect_timeout=connect_timeout)
-            engine = SplitEngine(blueprint, link, edge_name)
+            engine = SplitEngine(blueprint, link, edge_name, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         try:
             run = _Run(config, engine, meter, metrics, epochs, total_steps, steps_per_epoch, on_step, on_epoch)
             for epoch in range(epochs):
