@@ -17,7 +17,7 @@ from edge_node.link import CloudLink
 from pipeline.blueprint import Blueprint
 from pipeline.checkpoint import save_json, save_state
 from pipeline.config import Config
-from pipeline.data import DataError, Dataset, load_dataset, mini_batches, training_batches
+from pipeline.data import DataError, Dataset, as_dataset, load_dataset, mini_batches, training_batches
 from pipeline.optim import learning_rate
 from pipeline.traffic import TrafficCounts, TrafficMeter
 
@@ -165,7 +165,7 @@ def train(
     edge_name: str = "edge",
     connect_timeout: float = 30.0,
     model_factory: Callable[[], nn.Sequential] | None = None,
-    data: tuple[Dataset, Dataset] | None = None,
+    data: tuple[Any, Any] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> dict[str, Any]:
@@ -173,7 +173,8 @@ def train(
 
     Quiet: progress goes to ``on_step`` / ``on_epoch`` when given. ``model_factory`` builds
     the model instead of ``[model] name`` (the cloud must be served with the same);
-    ``data`` is ``(train, validation)`` instead of ``[train] dataset``. Writes
+    ``data`` is ``(train, validation)`` instead of ``[train] dataset``, each anything
+    :func:`pipeline.data.as_dataset` takes (a torch ``Dataset`` or an ``(inputs, labels)`` pair). Writes
     ``metrics.jsonl`` as it goes and ``summary.json`` and ``model.pt`` at the end, all in
     ``run_dir``; returns the summary. Raises :class:`pipeline.config.ConfigError` for a
     configuration that cannot train, :class:`edge_node.link.LinkError` when the cloud fails,
@@ -185,13 +186,7 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     epochs = epochs or config.train.epochs
-    train_data, val_data = data if data is not None else load_dataset(
-        config.train.dataset,
-        input_shape=config.model.input_shape,
-        num_classes=config.model.num_classes,
-        val_fraction=config.train.val_fraction,
-        seed=config.model.seed,
-    )
+    train_data, val_data = _datasets(config, data)
     steps_per_epoch = len(train_data) // config.train.batch_size
     if steps_per_epoch == 0:
         raise DataError(
@@ -233,6 +228,21 @@ def train(
     }
     save_json(summary, run_dir / "summary.json")
     return summary
+
+
+def _datasets(config: Config, data: tuple[Any, Any] | None) -> tuple[Dataset, Dataset]:
+    model = config.model
+    if data is None:
+        return load_dataset(
+            config.train.dataset, input_shape=model.input_shape, num_classes=model.num_classes,
+            val_fraction=config.train.val_fraction, seed=model.seed,
+        )
+    if not (isinstance(data, tuple) and len(data) == 2):
+        raise DataError("data must be a (training, validation) pair")
+    return tuple(  # type: ignore[return-value]
+        as_dataset(part, input_shape=model.input_shape, num_classes=model.num_classes, what=what)
+        for part, what in zip(data, ("training data", "validation data"))
+    )
 
 
 def _write(handle: TextIO, record: dict[str, Any]) -> None:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgepipe-edge: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"edgepipe-edge: cannot write the run directory: {_os_reason(exc)}", file=sys.stderr)
+        print(f"edgepipe-edge: cannot write run directory {args.run_dir}: {_os_reason(exc)}", file=sys.stderr)
         return 2
     except (LinkError, WireError) as exc:
         print(f"edgepipe-edge: {exc}", file=sys.stderr)

@@ -242,7 +242,8 @@ def _describe(error: dict[str, Any], data: dict[str, Any]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if "input" in error and loc and not isinstance(error["input"], dict) and kind != "missing":
         return f"{where}: {message} (got {error['input']!r})"
-    return f"{where}: {message}"
+    # A check across sections names its keys in the message itself.
+    return f"{where}: {message}" if loc else message
 
 
 def parse_config(data: dict[str, Any], source: str = "config") -> Config:

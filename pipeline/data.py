@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 
-__all__ = ["DataError", "Dataset", "load_dataset", "mini_batches", "training_batches"]
+__all__ = ["DataError", "Dataset", "as_dataset", "load_dataset", "mini_batches", "training_batches"]
 
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -31,6 +33,38 @@ class Dataset:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+def as_dataset(data: Any, *, input_shape: tuple[int, int, int], num_classes: int, what: str = "dataset") -> Dataset:
+    """A :class:`Dataset` from user data: a Dataset, an ``(inputs, labels)`` pair of tensors, or
+    a ``torch.utils.data.Dataset`` of ``(image, label)`` items (read once, in index order).
+
+    Images must have ``input_shape`` and labels lie in ``[0, num_classes)``; ``what`` names the
+    data in errors.
+    """
+    if isinstance(data, Dataset):
+        inputs, labels = data.inputs, data.labels
+    elif isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        inputs, labels = data
+    elif isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        items = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
+        if not items:
+            raise DataError(f"{what} is empty")
+        inputs = torch.stack([torch.as_tensor(x) for x, _ in items])
+        labels = torch.as_tensor([int(y) for _, y in items])
+    else:
+        raise DataError(
+            f"{what}: expected a torch Dataset of (image, label), an (inputs, labels) pair of tensors "
+            f"or a pipeline.data.Dataset, got {type(data).__name__}"
+        )
+    if tuple(inputs.shape[1:]) != tuple(input_shape) or len(inputs) != len(labels) or labels.ndim != 1:
+        raise DataError(
+            f"{what}: images of shape {list(inputs.shape)} with {len(labels)} labels; expected "
+            f"[N, {', '.join(map(str, input_shape))}] images (model.input_shape) and N labels"
+        )
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataError(f"{what}: labels must lie in [0, {num_classes}) (model.num_classes)")
+    return Dataset(inputs.float().contiguous(), labels.long().contiguous())
 
 
 def _fit_shape(images: torch.Tensor, input_shape: tuple[int, int, int]) -> torch.Tensor:

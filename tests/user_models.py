@@ -21,3 +21,8 @@ def small(num_classes: int, input_shape: tuple[int, int, int]) -> nn.Sequential:
 def not_sequential(**kwargs: object) -> nn.Module:
     """Wrong on purpose: returns a bare module instead of an nn.Sequential."""
     return nn.Linear(4, 2)
+
+
+def needs_depth(depth: int) -> nn.Sequential:
+    """Wrong on purpose: requires an argument edgepipe does not offer."""
+    return nn.Sequential(*[nn.Linear(4, 4) for _ in range(depth)])
