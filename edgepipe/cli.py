@@ -5,28 +5,34 @@ import argparse
 import sys
 from pathlib import Path
 
+from edgepipe.link_command import add_link_command
+
 __all__ = ["main"]
 
 
 def _partition_show(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from edgepipe.tables import partition_table
     from pipeline.config import load_config
     from pipeline.models import build_configured
-    from pipeline.partition import make_cuts, profile, render_partition_table
+    from pipeline.partition import link_crossings, make_cuts, profile
 
     config = load_config(args.file)
     model = build_configured(config.model)
     cuts = make_cuts(len(model), config.partition.edge_head, config.partition.edge_tail)
-    table = render_partition_table(profile(model, config.model.input_shape, cuts), cuts, input_shape=config.model.input_shape)
-    Console(width=max(160, Console().width)).print(table)
+    profiles = profile(model, config.model.input_shape, cuts)
+    crossings = link_crossings(profiles, cuts, config.link, config.model.input_shape)
+    Console(width=max(160, Console().width)).print(partition_table(profiles, cuts, crossings))
     return 0
 
 
 def _traffic(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from pipeline.report import load_run, plot_traffic, render_report
+    from edgepipe.plots import plot_traffic
+    from edgepipe.tables import render_report
+    from pipeline.runs import load_run
 
     run = load_run(args.run_dir)
     # The table is wide: keep it whole when piped into a file or a CI log.
@@ -84,21 +90,23 @@ def _parser() -> argparse.ArgumentParser:
     traffic.add_argument("run_dir", metavar="RUN_DIR", help="an edge run directory")
     traffic.add_argument("--plot", metavar="FILE.png", help="also draw bytes per step and cumulative bytes")
     traffic.set_defaults(run=_traffic)
+    add_link_command(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``edgepipe``."""
+    from edgepipe.plots import PlotError
     from pipeline.config import ConfigError
     from pipeline.data import DataError
     from pipeline.models import ModelError
     from pipeline.partition import PartitionError
-    from pipeline.report import ReportError
+    from pipeline.runs import RunFileError
 
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ModelError, PartitionError, DataError, ReportError, RuntimeError, OSError) as exc:
+    except (ConfigError, ModelError, PartitionError, DataError, RunFileError, PlotError, RuntimeError, OSError) as exc:
         print(f"edgepipe: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

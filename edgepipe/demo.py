@@ -51,7 +51,8 @@ def run_demo(run_dir: Path, epochs: int | None = None) -> int:
     """Train the demo split across two local processes; print accuracy and the traffic table."""
     from rich.console import Console
 
-    from pipeline.report import load_run, render_report
+    from edgepipe.tables import render_report
+    from pipeline.runs import load_run
 
     config = parse_config(tomllib.loads(DEMO_CONFIG), "demo config")
     if epochs is not None and epochs < 1:
@@ -77,14 +78,14 @@ def run_demo(run_dir: Path, epochs: int | None = None) -> int:
     run = load_run(run_dir)
     for renderable in render_report(run):
         console.print(renderable)
-    summary = run.summary or {}
     head = config.partition.edge_head
-    frozen = [e for e in summary.get("freeze_events", []) if e["boundary"] >= head]
+    frozen = [e for e in run.freeze_events() if e.boundary >= head]
     if frozen:
         console.print(
-            f"the edge head (layers 0-{head - 1}) froze at step {frozen[0]['step']} of {summary['steps']}: "
+            f"the edge head (layers 0-{head - 1}) froze at step {frozen[0].step} of {len(run.steps)}: "
             "from then on no gradient crossed the downlink and the edge ran its head forward-only"
         )
-    accuracy = summary.get("final_val_accuracy", float("nan"))
+    summary = run.summary
+    accuracy = float("nan") if summary is None or summary.final_val_accuracy is None else summary.final_val_accuracy
     console.print(f"final validation accuracy: {accuracy:.4f}   (model: {run_dir / 'model.pt'})")
     return 0

@@ -1,4 +1,4 @@
-"""Cut a Sequential into edge head / cloud middle / edge tail, and profile its layers."""
+"""Cut a Sequential into edge head / cloud middle / edge tail, profile its layers, size what crosses the cuts."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from rich.table import Table
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.codecs import payload_bytes
+from pipeline.config import LinkSection
 from pipeline.models import layer_names
 
 _FP32_BYTES = 4
@@ -111,10 +113,11 @@ class LayerProfile:
 def profile(model: nn.Sequential, input_shape: Sequence[int], cuts: Cuts | None = None) -> list[LayerProfile]:
     """Profile each top-level layer of ``model`` with one forward pass of a single sample.
 
-    FLOPs count 2 x multiply-accumulates of every convolution and linear layer (elementwise
-    ops are ignored). Without ``cuts`` every layer is placed on the cloud. The pass runs in
-    eval mode without autograd, so no parameter, buffer or gradient changes, and every
-    module's train/eval mode is restored afterwards.
+    FLOPs are what :class:`torch.utils.flop_counter.FlopCounterMode` counts: 2 x multiply-
+    accumulates of every convolution and matrix product (``nn.Linear`` or a bare ``@``);
+    elementwise ops, pooling and normalization count 0. Without ``cuts`` every layer is placed
+    on the cloud. The pass runs in eval mode without autograd, so no parameter, buffer or
+    gradient changes, and every module's train/eval mode is restored afterwards.
     """
     if cuts is None:
         cuts = make_cuts(len(model), 0, 0)
@@ -122,24 +125,8 @@ def profile(model: nn.Sequential, input_shape: Sequence[int], cuts: Cuts | None 
     shape = tuple(input_shape)
     if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
         raise PartitionError(f"input_shape must be positive integers per sample (no batch), got {input_shape!r}")
-
-    layer_flops = 0
-
-    def count(module: nn.Module, args: object, output: torch.Tensor) -> None:
-        nonlocal layer_flops
-        layer_flops += _flops(module, output)
-
-    hooks = [
-        module.register_forward_hook(count)
-        for module in model.modules()
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))
-    ]
     modes = [(module, module.training) for module in model.modules()]
-    first = next(model.parameters(), None)
-    if first is not None and first.is_floating_point():
-        x = torch.zeros((1, *shape), dtype=first.dtype, device=first.device)
-    else:
-        x = torch.zeros((1, *shape))
+    x = _sample_input(model, shape)
     names = layer_names(model)
     profiles: list[LayerProfile] = []
     try:
@@ -147,9 +134,10 @@ def profile(model: nn.Sequential, input_shape: Sequence[int], cuts: Cuts | None 
         model.eval()
         with torch.no_grad():
             for index, (name, layer) in enumerate(zip(names, model, strict=True)):
-                layer_flops = 0
+                counter = FlopCounterMode(display=False)
                 try:
-                    x = layer(x)
+                    with counter:
+                        x = layer(x)
                 except Exception as exc:
                     raise PartitionError(
                         f"layer {index} ({name}) failed on an input of shape {list(x.shape[1:])}: {exc}; "
@@ -167,128 +155,86 @@ def profile(model: nn.Sequential, input_shape: Sequence[int], cuts: Cuts | None 
                         name=name,
                         kind=type(layer).__name__,
                         params=sum(p.numel() for p in layer.parameters()),
-                        flops=layer_flops,
+                        flops=counter.get_total_flops(),
                         output_shape=out_shape,
                         output_bytes=math.prod(out_shape) * _FP32_BYTES,
                         placement="cloud" if cuts.middle_start <= index < cuts.middle_stop else "edge",
                     )
                 )
     finally:
-        for hook in hooks:
-            hook.remove()
         # Per module, not model.train(mode): a model may mix modes (e.g. frozen BatchNorm in eval).
         for module, training in modes:
             module.training = training
     return profiles
 
 
-def _flops(module: nn.Module, output: torch.Tensor) -> int:
-    """Forward FLOPs (2 x MACs) of one call of a convolution or linear module, per sample."""
-    per_sample_outputs = output[0].numel()
-    if isinstance(module, nn.Linear):
-        return 2 * per_sample_outputs * module.in_features
-    kernel = math.prod(module.kernel_size)
-    return 2 * per_sample_outputs * (module.in_channels // module.groups) * kernel
+def _sample_input(model: nn.Sequential, shape: tuple[int, ...]) -> torch.Tensor:
+    """One zero sample of ``shape``, in the dtype and on the device of the model's parameters."""
+    first = next(model.parameters(), None)
+    if first is not None and first.is_floating_point():
+        return torch.zeros((1, *shape), dtype=first.dtype, device=first.device)
+    return torch.zeros((1, *shape))
 
 
 def cut_shapes(model: nn.Sequential, input_shape: Sequence[int], cuts: Cuts) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Per-sample shapes of the uplink tensor (the middle's input) and the downlink tensor (its output)."""
-    profiles = profile(model, input_shape, cuts)
-    uplink = tuple(input_shape) if cuts.middle_start == 0 else profiles[cuts.middle_start - 1].output_shape
-    return uplink, profiles[cuts.middle_stop - 1].output_shape
+    return _cut_shapes(profile(model, input_shape, cuts), cuts, input_shape)
 
 
-def render_partition_table(
-    profiles: list[LayerProfile], cuts: Cuts, *, input_shape: Sequence[int] | None = None
-) -> Table:
-    """The layer table with a marker row at each cut saying what crosses the link there.
-
-    ``input_shape`` is only needed to size the uplink when ``edge_head == 0`` (raw inputs cross).
-    """
+def _cut_shapes(
+    profiles: list[LayerProfile], cuts: Cuts, input_shape: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if len(profiles) != cuts.num_layers:
         raise PartitionError(
             f"the cuts were made for {cuts.num_layers} layers but there are {len(profiles)} profiles: "
             "profile and cut the same model"
         )
-    table = Table(caption=_totals_caption(profiles))
-    table.add_column("#", justify="right")
-    table.add_column("name")
-    table.add_column("kind")
-    table.add_column("params", justify="right")
-    table.add_column("FLOPs", justify="right")
-    table.add_column("output/sample", justify="right")
-    table.add_column("placement")
-
-    markers = {cuts.middle_start: _uplink_marker(profiles, cuts, input_shape)}
-    markers[cuts.middle_stop] = _downlink_marker(profiles, cuts)
-    for index, p in enumerate(profiles):
-        if index in markers:
-            _add_marker(table, markers[index])
-        table.add_row(
-            str(p.index),
-            p.name,
-            p.kind,
-            f"{p.params:,}",
-            _human_flops(p.flops),
-            f"{_human_bytes(p.output_bytes)} {list(p.output_shape)}",
-            p.placement,
-            style="cyan" if p.placement == "edge" else None,
-        )
-    if cuts.num_layers in markers:
-        _add_marker(table, markers[cuts.num_layers])
-    return table
+    uplink = tuple(input_shape) if cuts.middle_start == 0 else profiles[cuts.middle_start - 1].output_shape
+    return uplink, profiles[cuts.middle_stop - 1].output_shape
 
 
-def _add_marker(table: Table, text: str) -> None:
-    # Rich has no column spans; the name column is the one wide enough to read the marker in.
-    table.add_section()
-    table.add_row("", text, "", "", "", "", "", style="bold magenta", end_section=True)
+@dataclass(frozen=True)
+class Crossing:
+    """One tensor that crosses the link at a cut, sized per sample with the configured codec."""
+
+    #: 1: between the edge head and the cloud; 2: between the cloud and the edge tail.
+    cut: int
+    direction: str
+    kind: str
+    codec: str
+    shape: tuple[int, ...]
+    #: Payload bytes per sample with ``codec``; ``fp32_bytes`` is the same tensor as fp32.
+    nbytes: int
+    fp32_bytes: int
 
 
-def _uplink_marker(profiles: list[LayerProfile], cuts: Cuts, input_shape: Sequence[int] | None) -> str:
+def link_crossings(
+    profiles: list[LayerProfile], cuts: Cuts, link: LinkSection, input_shape: Sequence[int]
+) -> list[Crossing]:
+    """What crosses the link at each cut, per sample, with the codecs of ``link``.
+
+    Cut 1 carries the head's output (the raw input when ``edge_head = 0``) up and, while the
+    head trains, its gradient down.  Cut 2 carries the middle's output down and, while the
+    middle trains, its gradient up; with ``edge_tail = 0`` the loss is computed on the cloud
+    and no tensor crosses there (the labels go up instead).  Payload bytes only: per-channel
+    quantization scales and frame headers are not counted.
+    """
+    uplink_shape, downlink_shape = _cut_shapes(profiles, cuts, input_shape)
+    tensors = [(1, "uplink", "activation", link.uplink, uplink_shape)]
     if cuts.edge_head > 0:
-        return f"── cut 1: uplink activation {_shape_and_size(profiles[cuts.edge_head - 1])} ──"
-    if input_shape is None:
-        return "── cut 1: uplink raw input (edge_head = 0: inputs leave the edge) ──"
-    size = math.prod(input_shape) * _FP32_BYTES
-    return f"── cut 1: uplink raw input {list(input_shape)} = {_human_bytes(size)}/sample (edge_head = 0) ──"
-
-
-def _downlink_marker(profiles: list[LayerProfile], cuts: Cuts) -> str:
-    if cuts.edge_tail == 0:
-        return "── cut 2: edge_tail = 0: the loss is computed on the cloud, so labels cross the link ──"
-    return f"── cut 2: downlink activation {_shape_and_size(profiles[cuts.middle_stop - 1])} ──"
-
-
-def _shape_and_size(layer: LayerProfile) -> str:
-    return f"{list(layer.output_shape)} = {_human_bytes(layer.output_bytes)}/sample"
-
-
-def _totals_caption(profiles: list[LayerProfile]) -> str:
-    parts = []
-    for placement in ("edge", "cloud"):
-        side = [p for p in profiles if p.placement == placement]
-        params = sum(p.params for p in side)
-        flops = sum(p.flops for p in side)
-        parts.append(f"{placement}: {len(side)} layers, {params:,} params, {_human_flops(flops)} FLOPs/sample")
-    return " · ".join(parts)
-
-
-def _human_flops(count: int) -> str:
-    """SI-scaled count with one decimal, e.g. 1234567 -> "1.2 M"."""
-    return _human(count, 1000, ("", "K", "M", "G", "T"))
-
-
-def _human_bytes(count: int) -> str:
-    """Binary-scaled byte count with one decimal, e.g. 32768 -> "32.0 KiB"."""
-    return _human(count, 1024, ("B", "KiB", "MiB", "GiB", "TiB"))
-
-
-def _human(count: int, base: int, units: tuple[str, ...]) -> str:
-    value, level = float(count), 0
-    while value >= base and level < len(units) - 1:
-        value /= base
-        level += 1
-    if level == 0:
-        return f"{count} {units[0]}".rstrip()
-    return f"{value:.1f} {units[level]}"
+        tensors.append((1, "downlink", "gradient", link.gradients, uplink_shape))
+    if cuts.edge_tail > 0:
+        tensors.append((2, "downlink", "activation", link.downlink, downlink_shape))
+        tensors.append((2, "uplink", "gradient", link.gradients, downlink_shape))
+    return [
+        Crossing(
+            cut=cut,
+            direction=direction,
+            kind=kind,
+            codec=codec,
+            shape=shape,
+            nbytes=payload_bytes(codec, shape),
+            fp32_bytes=math.prod(shape) * _FP32_BYTES,
+        )
+        for cut, direction, kind, codec, shape in tensors
+    ]

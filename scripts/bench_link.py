@@ -11,18 +11,17 @@ same invocation (uplink fp32, gradients fp32, the demo's downlink).
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from rich.table import Table
 
-from rich.table import Table  # noqa: E402
-
-from pipeline.config import ACTIVATION_CODECS, GRADIENT_CODECS  # noqa: E402
-from split_run import MIB, RunResult, demo_config, publish, report_console, run_variants  # noqa: E402
+from edgepipe.split_run import RunResult, demo_config, publish, report_console, run_variants
+from pipeline.codecs import codec_names
+from pipeline.traffic import MIB
 
 #: (uplink activations, gradients both ways); the first is the baseline.
 VARIANTS: tuple[tuple[str, str], ...] = (
@@ -50,27 +49,28 @@ def label(variant: tuple[str, str]) -> str:
 def measure(result: RunResult) -> dict[str, Any]:
     """Absolute numbers of one run."""
     s = result.summary
-    steps = s["steps"]
-    traffic = s["traffic"]
+    steps = s.steps
+    traffic = s.traffic
+    codec_seconds = {key: getattr(s, key) for key in _CODEC_KEYS}
     return {
-        "final_val_accuracy": s["final_val_accuracy"],
-        "val_accuracy_per_epoch": [e.get("val_accuracy") for e in result.run.evals],
+        "final_val_accuracy": s.final_val_accuracy,
+        "val_accuracy_per_epoch": [e.val_accuracy for e in result.run.evals],
         "steps": steps,
-        "uplink_bytes": traffic["uplink_bytes"],
-        "downlink_bytes": traffic["downlink_bytes"],
+        "uplink_bytes": traffic.uplink_bytes,
+        "downlink_bytes": traffic.downlink_bytes,
         "uplink_activation_bytes": result.kind_bytes("activation", "uplink"),
         "uplink_gradient_bytes": result.kind_bytes("gradient", "uplink"),
         "downlink_activation_bytes": result.kind_bytes("activation", "downlink"),
         "downlink_gradient_bytes": result.kind_bytes("gradient", "downlink"),
-        "by_kind": traffic["by_kind"],
+        "by_kind": traffic.by_kind.model_dump(),
         "median_step_seconds": result.median_step_seconds(),
         "wall_seconds": result.wall_seconds,
         # Sums over the training steps (the worker's summary totals), and per step.
-        **{key: s.get(key) for key in _CODEC_KEYS},
-        **{f"{key}_per_step": (s[key] / steps if steps and s.get(key) is not None else None) for key in _CODEC_KEYS},
-        "losses_finite": all(isinstance(r.get("loss"), (int, float)) and r["loss"] == r["loss"]
-                             for r in result.steps),
-        "final_loss": result.steps[-1]["loss"] if result.steps else None,
+        **codec_seconds,
+        **{f"{key}_per_step": (value / steps if steps and value is not None else None)
+           for key, value in codec_seconds.items()},
+        "losses_finite": all(r.loss is not None and math.isfinite(r.loss) for r in result.steps),
+        "final_loss": result.steps[-1].loss if result.steps else None,
     }
 
 
@@ -159,10 +159,11 @@ def targets_table(rows: list[dict[str, Any]]) -> Table:
 def _variant(text: str) -> tuple[str, str]:
     up, sep, grads = text.partition("/")
     grads = grads if sep else "fp32"
-    if up not in ACTIVATION_CODECS or grads not in GRADIENT_CODECS:
+    activation, gradient = codec_names("activation"), codec_names("gradient")
+    if up not in activation or grads not in gradient:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected UPLINK[/GRADIENTS] with UPLINK in {', '.join(ACTIVATION_CODECS)} "
-            f"and GRADIENTS in {', '.join(GRADIENT_CODECS)}"
+            f"{text!r}: expected UPLINK[/GRADIENTS] with UPLINK in {', '.join(activation)} "
+            f"and GRADIENTS in {', '.join(gradient)}"
         )
     return up, grads
 

@@ -3,9 +3,9 @@
 For each ``partition.chunks`` value this runs the demo configuration (overridden to skip policy
 ``none`` and fp32 on every link) twice, the way a user would:
 
-* local: ``python -m edge_node --config F --local --run-dir D --threads 1 --no-progress --max-steps N``
-* split: ``python -m cloud_node --config F --listen 127.0.0.1:0 --threads 1`` and then
-  ``python -m edge_node --config F --cloud ADDR --run-dir D --threads 1 --no-progress --max-steps N``
+* local: ``edgepipe-edge --config F --local --run-dir D --threads 1 --no-progress --max-steps N``
+* split: ``edgepipe-cloud --config F --listen 127.0.0.1:0 --threads 1`` and then
+  ``edgepipe-edge --config F --cloud ADDR --run-dir D --threads 1 --no-progress --max-steps N``
 
 and reads the per-step ``step_seconds`` and link bytes from each run's ``metrics.jsonl``.
 """
@@ -17,26 +17,21 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from rich.console import Console
+from rich.table import Table
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from pipeline.config import parse_config  # noqa: E402
-from edgepipe.demo import DEMO_CONFIG  # noqa: E402
-from edgepipe.launch import LaunchError, cloud_command, edge_command, run_edge, start_cloud, stop, tail  # noqa: E402
-
-_MIB = float(1 << 20)
+from edgepipe.launch import tail
+from edgepipe.split_run import SplitRunError, demo_config, launch, write_config
+from pipeline.runs import load_run
+from pipeline.traffic import MIB
 
 #: Keys the benchmark sets on top of the demo configuration so that it measures the pipeline
 #: itself (no layer ever frozen, no codec work) whatever the demo configuration says later.
@@ -52,7 +47,7 @@ BENCH_OVERRIDES: dict[str, dict[str, Any]] = {
 
 def bench_config(chunks: int, batch_size: int, steps: int) -> dict[str, dict[str, Any]]:
     """The demo configuration with the benchmark's overrides, for one chunks value."""
-    data = tomllib.loads(DEMO_CONFIG)
+    data = demo_config()
     for section, values in BENCH_OVERRIDES.items():
         if section == "skip":
             data[section] = dict(values)
@@ -64,30 +59,11 @@ def bench_config(chunks: int, batch_size: int, steps: int) -> dict[str, dict[str
     # Enough epochs that --max-steps, not the epoch count, ends every run.
     train["epochs"] = max(int(train.get("epochs", 1)), steps)
     train.pop("max_steps", None)
-    parse_config(data, f"benchmark config (chunks={chunks})")  # fail early, with the config's own message
     return data
 
 
 # ---------------------------------------------------------------------------------------------
-# processes
-
-
-class RunFailed(LaunchError):
-    """The edge worker exited non-zero or left no usable metrics."""
-
-
-# ---------------------------------------------------------------------------------------------
 # one measurement
-
-
-def read_steps(run_dir: Path) -> list[dict[str, Any]]:
-    steps = []
-    with (run_dir / "metrics.jsonl").open(encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            if "step" in record and "step_seconds" in record:
-                steps.append(record)
-    return steps
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -102,41 +78,25 @@ def measure(mode: str, chunks: int, repeat: int, config_path: Path, work: Path, 
     """One run (local or split) of ``args.steps`` steps; the statistics of its measured steps."""
     run_dir = work / f"r{repeat}-c{chunks}-{mode}"
     load = _loadavg()
-    started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cloud_log, edge_log = run_dir / "cloud.log", run_dir / "edge.log"
-    cloud = address = cloud_cmd = cloud_exit = None
-    cloud_log_tail = ""
-    if mode == "split":
-        cloud, address = start_cloud(config_path, threads=args.threads, stderr=cloud_log, cwd=REPO)
-        cloud_cmd = cloud_command(config_path, threads=args.threads)
-    cmd = edge_command(config_path, cloud=address, run_dir=run_dir, threads=args.threads, max_steps=args.steps,
-                       progress=False)
-    try:
-        code = run_edge(cmd, log=edge_log, timeout=args.run_timeout, cwd=REPO)
-    finally:
-        if cloud is not None:
-            cloud_exit = stop(cloud)
-            cloud_log_tail = tail(cloud_log, 5)
-    if code != 0:
-        raise RunFailed(f"the edge worker exited with code {code}:\n{tail(edge_log, 15)}")
-    wall = time.perf_counter() - started
-    records = read_steps(run_dir)
+    launched = launch(config_path, run_dir, log_dir=run_dir, local=mode == "local", threads=args.threads,
+                      max_steps=args.steps, timeout=args.run_timeout)
+    records = load_run(run_dir).steps
     if len(records) != args.steps:
-        raise RunFailed(f"{run_dir}/metrics.jsonl holds {len(records)} steps, expected {args.steps}")
+        raise SplitRunError(f"{run_dir}/metrics.jsonl holds {len(records)} steps, expected {args.steps}")
     measured = records[args.warmup:]
-    seconds = [r["step_seconds"] for r in measured]
-    link = [(r["uplink_bytes"] + r["downlink_bytes"]) for r in measured]
-    uplink = [r["uplink_bytes"] for r in measured]
-    downlink = [r["downlink_bytes"] for r in measured]
+    seconds = [r.step_seconds for r in measured]
+    uplink = [r.uplink_bytes for r in measured]
+    downlink = [r.downlink_bytes for r in measured]
+    link = [up + down for up, down in zip(uplink, downlink, strict=True)]
     result: dict[str, Any] = {
         "mode": mode,
         "chunks": chunks,
         "repeat": repeat,
         "run_dir": str(run_dir),
-        "edge_command": cmd,
-        "cloud_command": cloud_cmd,
-        "process_wall_seconds": wall,
+        "edge_command": launched.edge_command,
+        "cloud_command": launched.cloud_command,
+        "process_wall_seconds": launched.wall_seconds,
         "loadavg_at_start": load,
         "steps_recorded": len(records),
         "steps_measured": len(measured),
@@ -146,19 +106,20 @@ def measure(mode: str, chunks: int, repeat: int, config_path: Path, work: Path, 
         "p10_step_seconds": _quantile(seconds, 0.1),
         "p90_step_seconds": _quantile(seconds, 0.9),
         "max_step_seconds": max(seconds),
-        "warmup_step_seconds": [r["step_seconds"] for r in records[: args.warmup]],
+        "warmup_step_seconds": [r.step_seconds for r in records[: args.warmup]],
         "link_bytes_per_step": statistics.median(link),
         "uplink_bytes_per_step": statistics.median(uplink),
         "downlink_bytes_per_step": statistics.median(downlink),
     }
     for key in ("edge_backward_seconds", "cloud_backward_seconds", "edge_encode_seconds", "edge_decode_seconds",
                 "cloud_encode_seconds", "cloud_decode_seconds"):
-        values = [r[key] for r in measured if key in r]
+        values = [getattr(r, key) for r in measured if getattr(r, key) is not None]
         if values:
             result[f"median_{key}"] = statistics.median(values)
-    if mode == "split":
-        result["cloud_exit_code"] = cloud_exit
-        if cloud_exit not in (0, None) or "Traceback" in cloud_log_tail:
+    if launched.cloud_log is not None:
+        result["cloud_exit_code"] = launched.cloud_exit_code
+        cloud_log_tail = tail(launched.cloud_log, 5)
+        if launched.cloud_exit_code not in (0, None) or "Traceback" in cloud_log_tail:
             result["cloud_log_tail"] = cloud_log_tail
     return result
 
@@ -200,9 +161,9 @@ def summarize(runs: list[dict[str, Any]], chunk_values: list[int], batch_size: i
                 "samples_per_second": batch_size / med,
                 "ratio_to_local_same_chunks": statistics.median(ratios) if ratios else None,
                 "ratio_to_best_local": statistics.median(vs_best) if vs_best else None,
-                "link_mib_per_step": statistics.median(r["link_bytes_per_step"] for r in mine) / _MIB,
-                "uplink_mib_per_step": statistics.median(r["uplink_bytes_per_step"] for r in mine) / _MIB,
-                "downlink_mib_per_step": statistics.median(r["downlink_bytes_per_step"] for r in mine) / _MIB,
+                "link_mib_per_step": statistics.median(r["link_bytes_per_step"] for r in mine) / MIB,
+                "uplink_mib_per_step": statistics.median(r["uplink_bytes_per_step"] for r in mine) / MIB,
+                "downlink_mib_per_step": statistics.median(r["downlink_bytes_per_step"] for r in mine) / MIB,
             })
     return rows
 
@@ -280,9 +241,9 @@ def parser() -> argparse.ArgumentParser:
             "no codec work is done: the pipeline itself is measured. train.batch_size is --batch-size;\n"
             "partition.chunks takes each --chunks value. Config files go to a temporary directory.\n\n"
             "For every chunks value and every repeat, two runs of --steps optimizer steps each:\n"
-            "  local: python -m edge_node --config F --local --run-dir D --threads T --no-progress --max-steps N\n"
-            "  split: python -m cloud_node --config F --listen 127.0.0.1:0 --threads T   (a fresh server)\n"
-            "         python -m edge_node --config F --cloud ADDR --run-dir D --threads T --no-progress --max-steps N\n"
+            "  local: edgepipe-edge --config F --local --run-dir D --threads T --no-progress --max-steps N\n"
+            "  split: edgepipe-cloud --config F --listen 127.0.0.1:0 --threads T   (a fresh server)\n"
+            "         edgepipe-edge --config F --cloud ADDR --run-dir D --threads T --no-progress --max-steps N\n"
             "Local and split alternate (their order flips every repeat); the cloud server is stopped\n"
             "(SIGTERM, then SIGKILL) after every split run.\n\n"
             "Measured: `step_seconds` of every step from the run's metrics.jsonl (the edge's wall time of\n"
@@ -316,9 +277,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
+def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag, value, least in (("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
                                ("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1),
                                ("--threads", args.threads, 1)):
@@ -330,30 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     if too_many:
         p.error(f"chunks {too_many} exceed --batch-size {args.batch_size}: every micro-batch needs a sample")
 
+
+def _console(stderr: bool) -> Console:
     # Rich assumes 80 columns when output is redirected, which would wrap every row.
-    console = Console(stderr=True, highlight=False)
-    if not console.is_terminal:
-        console = Console(stderr=True, width=150, highlight=False)
-    out_console = Console(highlight=False)
-    if not out_console.is_terminal:
-        out_console = Console(width=150, highlight=False)
+    console = Console(stderr=stderr, highlight=False)
+    return console if console.is_terminal else Console(stderr=stderr, width=150, highlight=False)
 
-    work = Path(tempfile.mkdtemp(prefix="bench_pipeline-"))
-    configs: dict[int, dict[str, Any]] = {}
-    paths: dict[int, Path] = {}
-    for chunks in args.chunks:
-        configs[chunks] = bench_config(chunks, args.batch_size, args.steps)
-        paths[chunks] = work / f"config-chunks{chunks}.toml"
-        text = parse_config(configs[chunks], f"benchmark config (chunks={chunks})").to_toml()
-        header = "# written by scripts/bench_pipeline.py: the demo configuration with benchmark overrides\n"
-        paths[chunks].write_text(header + text, encoding="utf-8")
 
-    console.print(f"bench_pipeline: chunks {args.chunks}, batch {args.batch_size}, {args.steps} steps "
-                  f"({args.warmup} warm-up), {args.repeats} repeat(s); work dir {work}")
-    load_before = _loadavg()
+def _sweep(args: argparse.Namespace, paths: dict[int, Path], work: Path, console: Console,
+           ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every (repeat, chunks, mode) run, local and split alternating; the results and the failures."""
     runs: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    started = time.perf_counter()
     try:
         for repeat in range(args.repeats):
             order = ("local", "split") if repeat % 2 == 0 else ("split", "local")
@@ -361,23 +308,48 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in order:
                     try:
                         result = measure(mode, chunks, repeat, paths[chunks], work, args)
-                    except (LaunchError, OSError, ValueError, KeyError) as exc:
+                    except (SplitRunError, OSError, ValueError, KeyError) as exc:
                         console.print(f"[red]repeat {repeat} chunks {chunks} {mode}: FAILED: {exc}[/red]")
                         failures.append({"mode": mode, "chunks": chunks, "repeat": repeat, "error": str(exc)})
                         continue
                     runs.append(result)
-                    note = ""
-                    if result.get("cloud_log_tail"):
-                        note = f"  [yellow]cloud exit {result['cloud_exit_code']}: {result['cloud_log_tail']}[/yellow]"
-                    console.print(
-                        f"  repeat {repeat} chunks {chunks:>2} {mode:<5}: median step "
-                        f"{result['median_step_seconds'] * 1e3:7.1f} ms  (p10 {result['p10_step_seconds'] * 1e3:.0f}, "
-                        f"p90 {result['p90_step_seconds'] * 1e3:.0f}, max {result['max_step_seconds'] * 1e3:.0f})  "
-                        f"link {result['link_bytes_per_step'] / _MIB:.2f} MiB/step  "
-                        f"[{result['process_wall_seconds']:.1f} s]{note}"
-                    )
+                    console.print(_progress_line(result))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: reporting the runs done so far[/yellow]")
+    return runs, failures
+
+
+def _progress_line(result: dict[str, Any]) -> str:
+    note = ""
+    if result.get("cloud_log_tail"):
+        note = f"  [yellow]cloud exit {result['cloud_exit_code']}: {result['cloud_log_tail']}[/yellow]"
+    return (
+        f"  repeat {result['repeat']} chunks {result['chunks']:>2} {result['mode']:<5}: median step "
+        f"{result['median_step_seconds'] * 1e3:7.1f} ms  (p10 {result['p10_step_seconds'] * 1e3:.0f}, "
+        f"p90 {result['p90_step_seconds'] * 1e3:.0f}, max {result['max_step_seconds'] * 1e3:.0f})  "
+        f"link {result['link_bytes_per_step'] / MIB:.2f} MiB/step  "
+        f"[{result['process_wall_seconds']:.1f} s]{note}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    _check(p, args)
+    console, out_console = _console(stderr=True), _console(stderr=False)
+
+    work = Path(tempfile.mkdtemp(prefix="bench_pipeline-"))
+    configs = {chunks: bench_config(chunks, args.batch_size, args.steps) for chunks in args.chunks}
+    header = "# written by scripts/bench_pipeline.py: the demo configuration with benchmark overrides\n"
+    paths = {
+        chunks: write_config(config, work / f"config-chunks{chunks}.toml", f"benchmark (chunks={chunks})", header)
+        for chunks, config in configs.items()
+    }
+    console.print(f"bench_pipeline: chunks {args.chunks}, batch {args.batch_size}, {args.steps} steps "
+                  f"({args.warmup} warm-up), {args.repeats} repeat(s); work dir {work}")
+    load_before = _loadavg()
+    started = time.perf_counter()
+    runs, failures = _sweep(args, paths, work, console)
     total = time.perf_counter() - started
 
     rows = summarize(runs, args.chunks, args.batch_size)
@@ -387,20 +359,13 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{args.repeats} repeat(s), {args.threads} torch thread(s)/process")
     report = {
         "benchmark": "bench_pipeline",
-        "what": "median per-step step_seconds from metrics.jsonl after warm-up; split = cloud_node + edge_node "
-                "processes on loopback, local = edge_node --local",
+        "what": "median per-step step_seconds from metrics.jsonl after warm-up; split = edgepipe-cloud + edgepipe-edge "
+                "processes on loopback, local = edgepipe-edge --local",
         "machine": machine_info(args.threads),
         "loadavg_before": load_before,
         "loadavg_after": _loadavg(),
         "total_seconds": total,
-        "settings": {
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "chunks": args.chunks,
-            "batch_size": args.batch_size,
-            "repeats": args.repeats,
-            "threads": args.threads,
-        },
+        "settings": {key: getattr(args, key) for key in ("steps", "warmup", "chunks", "batch_size", "repeats", "threads")},
         "base_config": "edgepipe.demo.DEMO_CONFIG",
         "overrides": {**BENCH_OVERRIDES, "partition": {"chunks": "per run"},
                       "train": {"batch_size": args.batch_size, "epochs": "max(demo epochs, --steps)"}},
@@ -412,8 +377,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     console.print(f"wrote {args.out} in {total:.0f} s" + (f"; kept {work}" if args.keep else ""))
     if not args.keep:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failures or not runs else 0
 

@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
+from rich.table import Table
 
-from rich.table import Table  # noqa: E402
-
-from pipeline.config import ACTIVATION_CODECS, parse_config  # noqa: E402
-from pipeline.report import ReportError, freeze_savings  # noqa: E402
-from split_run import MIB, RunResult, boundary_timeline, demo_config, publish, report_console, run_variants  # noqa: E402
+from edgepipe.split_run import RunResult, boundary_timeline, demo_config, publish, report_console, run_variants
+from pipeline.accounting import freeze_savings
+from pipeline.codecs import codec_names
+from pipeline.config import parse_config
+from pipeline.runs import RunFileError
+from pipeline.traffic import MIB
 
 #: ``[skip]`` of each policy, tuned on the demo (MobileNetV2 x0.25 on digits, edge head = layers
 #: [0, 2), 44 steps per epoch, cosine lr).  What the tuning found (local runs of the demo):
@@ -64,30 +64,29 @@ def describe(skip: dict[str, Any]) -> str:
 def measure(result: RunResult, edge_head: int) -> dict[str, Any]:
     """The numbers of one run (absolute; comparisons with `none` are added later)."""
     s = result.summary
-    steps = result.steps
-    head_steps = [r for r in steps if r["boundary"] >= edge_head > 0]
-    head_step = head_steps[0]["step"] if head_steps else None
-    after_head = sum(r["by_kind"]["gradient"]["downlink_bytes"] for r in head_steps)
+    head_steps = [r for r in result.steps if r.boundary >= edge_head > 0]
+    head_step = head_steps[0].step if head_steps else None
+    after_head = sum(r.by_kind.gradient.downlink_bytes for r in head_steps)
     try:
-        savings = freeze_savings(result.run)
-    except ReportError as exc:  # pragma: no cover - a finished run has its summary
+        savings: dict[str, Any] = dict(freeze_savings(result.run))
+    except RunFileError as exc:  # the model cannot be rebuilt here to count FLOPs
         savings = {"error": str(exc)}
     return {
-        "final_val_accuracy": s["final_val_accuracy"],
-        "val_accuracy_per_epoch": [e.get("val_accuracy") for e in result.run.evals],
-        "steps": s["steps"],
-        "uplink_bytes": s["traffic"]["uplink_bytes"],
-        "downlink_bytes": s["traffic"]["downlink_bytes"],
-        "link_bytes": s["traffic"]["uplink_bytes"] + s["traffic"]["downlink_bytes"],
-        "by_kind": s["traffic"]["by_kind"],
+        "final_val_accuracy": s.final_val_accuracy,
+        "val_accuracy_per_epoch": [e.val_accuracy for e in result.run.evals],
+        "steps": s.steps,
+        "uplink_bytes": s.traffic.uplink_bytes,
+        "downlink_bytes": s.traffic.downlink_bytes,
+        "link_bytes": s.traffic.uplink_bytes + s.traffic.downlink_bytes,
+        "by_kind": s.traffic.by_kind.model_dump(),
         "downlink_gradient_bytes_after_head_froze": after_head if head_steps else None,
         "head_frozen_step": head_step,
         "steps_with_head_frozen": len(head_steps),
-        "edge_backward_seconds": s["edge_backward_seconds"],
-        "cloud_backward_seconds": s.get("cloud_backward_seconds"),
+        "edge_backward_seconds": s.edge_backward_seconds,
+        "cloud_backward_seconds": s.cloud_backward_seconds,
         "median_step_seconds": result.median_step_seconds(),
         "wall_seconds": result.wall_seconds,
-        "freeze_events": s["freeze_events"],
+        "freeze_events": [e.model_dump() for e in s.freeze_events],
         "boundary_timeline": boundary_timeline(result),
         "freeze_savings": savings,
     }
@@ -201,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--policies", default=",".join(POLICIES),
                         help=f"comma-separated policies to run, from: {', '.join(POLICIES)}")
     parser.add_argument("--epochs", type=int, default=base["train"]["epochs"], help="train.epochs (default: the demo's)")
-    parser.add_argument("--uplink", choices=ACTIVATION_CODECS, default=base["link"]["uplink"],
+    parser.add_argument("--uplink", choices=codec_names("activation"), default=base["link"]["uplink"],
                         help="link.uplink codec (default: the demo's)")
     parser.add_argument("--out", type=Path, default=Path("bench_skip.json"), help="JSON results file")
     parser.add_argument("--keep-runs", type=Path, default=None, metavar="DIR",

@@ -1,32 +1,27 @@
-"""Tests for pipeline.partition: cuts, split, per-layer profile, cut shapes and the layer table."""
+"""Tests for pipeline.partition: cuts, split, per-layer profile, cut shapes and what crosses the link."""
 
 from collections import OrderedDict
 
 import pytest
 import torch
-from rich.console import Console
 from torch import nn
 
+from pipeline.config import LinkSection
 from pipeline.models import build_model, layer_names
 from pipeline.partition import (
+    Crossing,
     Cuts,
     PartitionError,
     cut_shapes,
+    link_crossings,
     make_cuts,
     profile,
-    render_partition_table,
     split,
 )
 
 
 def _mobilenet(width: float = 0.25) -> nn.Sequential:
     return build_model("mobilenetv2", num_classes=10, input_shape=(3, 32, 32), width=width)
-
-
-def _render(table) -> str:
-    console = Console(record=True, width=160)
-    console.print(table)
-    return console.export_text()
 
 
 def test_make_cuts_gives_the_middle_range():
@@ -96,6 +91,26 @@ def test_profile_flops_and_params_match_hand_counts():
     assert [p.name for p in profiles] == ["conv", "depthwise", "pool", "fc"]
 
 
+class _Bilinear(nn.Module):
+    """A layer with no nn.Linear or convolution inside: a bare matrix product the old hooks missed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(6, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.weight)
+
+
+def test_profile_counts_any_matrix_product_as_flop_counter_mode_does():
+    # FlopCounterMode counts 2 x multiply-accumulates of every matmul and convolution, whatever
+    # module runs it; the ReLU (elementwise) counts nothing.
+    model = nn.Sequential(OrderedDict(flat=nn.Flatten(), product=_Bilinear(), fc=nn.Linear(3, 2)))
+    profiles = profile(model, (2, 3), make_cuts(3, 1, 1))
+    assert [p.flops for p in profiles] == [0, 2 * 6 * 3, 2 * 3 * 2]
+    assert [p.params for p in profiles] == [0, 18, 8]
+
+
 def test_profile_without_cuts_places_everything_on_the_cloud():
     model = build_model("tinycnn", num_classes=3, input_shape=(1, 8, 8))
     assert {p.placement for p in profile(model, (1, 8, 8))} == {"cloud"}
@@ -112,7 +127,9 @@ def test_profile_changes_no_parameter_buffer_gradient_or_mode():
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert [m.training for m in model.modules()] == modes
     assert all(p.grad is None for p in model.parameters())
-    assert not model.stem[0]._forward_hooks  # the FLOP counters are removed
+    assert not model.stem[0]._forward_hooks  # nothing of the FLOP counting is left behind
+    assert not nn.modules.module._global_forward_hooks
+    assert not nn.modules.module._global_forward_pre_hooks
 
 
 def test_profile_error_says_to_check_the_input_shape():
@@ -129,23 +146,30 @@ def test_cut_shapes_for_mobilenetv2_head2_tail1():
     assert cut_shapes(model, (3, 32, 32), make_cuts(len(model), 0, 0)) == ((3, 32, 32), (10,))
 
 
-def test_table_shows_layers_and_both_cut_markers():
+def test_link_crossings_size_each_tensor_with_its_codec():
     model = _mobilenet(width=1.0)
     cuts = make_cuts(len(model), 2, 1)
-    text = _render(render_partition_table(profile(model, (3, 32, 32), cuts), cuts))
-    assert "── cut 1: uplink activation [16, 32, 32] = 64.0 KiB/sample ──" in text
-    assert "── cut 2: downlink activation [1280] = 5.0 KiB/sample ──" in text
-    assert text.index("block1") < text.index("cut 1") < text.index("block2")
-    assert text.index("pool") < text.index("cut 2") < text.index(" fc ")
-    for name in layer_names(model):
-        assert name in text
-    assert "2,236,682" not in text  # per-layer params, not the total, in the rows
-    assert "12,810" in text  # fc params: 1280 * 10 + 10
+    link = LinkSection(uplink="int8", downlink="bf16", gradients="int4")
+    crossings = link_crossings(profile(model, (3, 32, 32), cuts), cuts, link, (3, 32, 32))
+    head_out = 16 * 32 * 32
+    assert crossings == [
+        Crossing(1, "uplink", "activation", "int8", (16, 32, 32), head_out, 4 * head_out),
+        Crossing(1, "downlink", "gradient", "int4", (16, 32, 32), head_out // 2, 4 * head_out),
+        Crossing(2, "downlink", "activation", "bf16", (1280,), 2 * 1280, 4 * 1280),
+        Crossing(2, "uplink", "gradient", "int4", (1280,), 640, 4 * 1280),
+    ]
 
 
-def test_table_with_no_edge_tail_says_labels_cross_the_link():
+def test_link_crossings_without_head_or_tail():
     model = build_model("tinycnn", num_classes=3, input_shape=(1, 8, 8))
     cuts = make_cuts(len(model), 0, 0)
-    text = _render(render_partition_table(profile(model, (1, 8, 8), cuts), cuts, input_shape=(1, 8, 8)))
-    assert "cut 1: uplink raw input [1, 8, 8] = 256 B/sample" in text
-    assert "loss is computed on the cloud" in text and "labels cross the link" in text
+    crossings = link_crossings(profile(model, (1, 8, 8), cuts), cuts, LinkSection(uplink="fp16"), (1, 8, 8))
+    # The raw input goes up; no head learns from a gradient and the loss stays on the cloud.
+    assert crossings == [Crossing(1, "uplink", "activation", "fp16", (1, 8, 8), 128, 256)]
+
+
+def test_link_crossings_need_the_profiles_of_the_cut_model():
+    model = build_model("tinycnn", num_classes=3, input_shape=(1, 8, 8))
+    profiles = profile(model, (1, 8, 8))
+    with pytest.raises(PartitionError, match="profile and cut the same model"):
+        link_crossings(profiles[:-1], make_cuts(len(model), 1, 1), LinkSection(), (1, 8, 8))
