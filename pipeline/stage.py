@@ -90,8 +90,3 @@ class Stage:
                 for name, buf in self.layers.named_buffers():
                     buf.copy_(self._buffers[name])
         self._buffers = None
-
-    @property
-    def pending(self) -> int:
-        """Micro-batches whose backward has not run yet."""
-        return len(self._saved)
