@@ -92,7 +92,7 @@ class _Step:
     call: StepCall
     micro: list[tuple[torch.Tensor, torch.Tensor]]
     sent: int = 0
-    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    losses: dict[int, float] = field(default_factory=dict)
     head_gradients: set[int] = field(default_factory=set)
     backward_seconds: float = 0.0
     fp32_extra: int = 0
@@ -104,14 +104,14 @@ class _Step:
     def frame(self, session: str, index: int = 0, **body: object) -> pb.StepFrame:
         return pb.StepFrame(session=session, step=self.step, micro_batch=index, **body)
 
-    def expect(self, frame: pb.StepFrame, kind: str, seen: object) -> int:
-        """The micro-batch index of a reply of ``kind``; anything unexpected breaks the step."""
+    def check(self, frame: pb.StepFrame, seen: object) -> int:
+        """The micro-batch index of a reply; a reply for a step, micro-batch or kind that is not
+        due breaks the step."""
         index = frame.micro_batch
-        body = frame.WhichOneof("body")
-        if frame.step != self.step or body != kind or not 0 <= index < self.sent or index in seen:
+        if frame.step != self.step or not 0 <= index < self.sent or index in seen:
             raise LinkError(
-                f"unexpected {body!r} frame from the cloud (step {frame.step}, micro-batch {index}) "
-                f"while waiting for {kind} frames of step {self.step}"
+                f"unexpected {frame.WhichOneof('body')!r} frame from the cloud (step {frame.step}, "
+                f"micro-batch {index}) in step {self.step}"
             )
         return index
 
@@ -119,9 +119,13 @@ class _Step:
 class SplitEngine:
     """Edge head and tail here, the middle on the cloud; one gRPC stream per step.
 
-    A step runs in phases, as the cloud's handlers do: begin; forward and send (with each
-    returning output received and run through the tail as it arrives); backward and send
-    output gradients; receive head gradients and run the head backward; end.
+    A step runs as handlers, like the cloud's: begin; then, until every micro-batch is done,
+    send the next head output up while nothing has come back, run each returning middle output
+    through the tail and send its gradient up at once, and run each returning head gradient
+    through the head; end. So activations flow up while gradients flow down (both link
+    directions busy), and each micro-batch's backward starts as soon as its gradient exists.
+    Every stage keeps the micro-batches' parameter gradients apart and sums them in
+    torchgpipe's order at the end, so the result equals the one-process run bit for bit.
     """
 
     def __init__(
@@ -164,9 +168,7 @@ class SplitEngine:
         run = _Step(step, self.link.step(), micro)
         try:
             self._begin(run, epoch, lr)
-            self._forward_and_send(run)
-            self._backward_and_send_gradients(run)
-            self._receive_head_gradients(run)
+            self._stream(run)
             done = self._end(run, epoch_end)
         except BaseException:
             run.call.cancel()
@@ -176,7 +178,7 @@ class SplitEngine:
         self.decision = wire.decision_from_message(done.decision)
         self._apply(self.decision)
         return StepResult(
-            loss=done.loss if self._loss_on_cloud else sum(loss.item() for loss in run.losses.values()),
+            loss=done.loss if self._loss_on_cloud else sum(run.losses[i] for i in sorted(run.losses)),
             decision=self.decision,
             edge_backward_seconds=run.backward_seconds,
             cloud_backward_seconds=done.backward_seconds,
@@ -185,7 +187,7 @@ class SplitEngine:
             uplink_fp32_extra_bytes=run.fp32_extra,
         )
 
-    # -- the phases ----------------------------------------------------------------------
+    # -- the handlers --------------------------------------------------------------------
 
     def _begin(self, run: _Step, epoch: int, lr: float) -> None:
         self.head.begin(lr)
@@ -196,16 +198,22 @@ class SplitEngine:
         )
         run.call.send(run.frame(self.link.session, begin=begin))
 
-    def _forward_and_send(self, run: _Step) -> None:
-        # Micro-batch i+1 goes up before i comes back; outputs coming back go through the tail
-        # as they arrive, so edge compute overlaps the link and the cloud.
-        returning = 0 if self._loss_on_cloud else len(run.micro)
-        while run.sent < len(run.micro) or len(run.losses) < returning:
-            frame = run.call.poll() if run.sent < len(run.micro) else run.call.receive()
+    def _stream(self, run: _Step) -> None:
+        chunks = len(run.micro)
+        outputs = 0 if self._loss_on_cloud else chunks
+        head_gradients = chunks if self._head_trains else 0
+        while run.sent < chunks or len(run.losses) < outputs or len(run.head_gradients) < head_gradients:
+            # What came back goes first, so gradients travel while later activations do.
+            frame = run.call.poll() if run.sent < chunks else run.call.receive()
+            kind = None if frame is None else frame.WhichOneof("body")
             if frame is None:
                 self._send_activation(run)
+            elif kind == "activation" and outputs:
+                self._on_output(run, frame)
+            elif kind == "gradient" and head_gradients:
+                self._on_head_gradient(run, frame)
             else:
-                self._receive_and_tail(run, frame)
+                raise LinkError(f"unexpected {kind!r} frame from the cloud in step {run.step}")
 
     def _send_activation(self, run: _Step) -> None:
         index = run.sent
@@ -218,41 +226,34 @@ class SplitEngine:
         run.call.send(run.frame(self.link.session, index, activation=message, labels=labels))
         run.sent += 1
 
-    def _receive_and_tail(self, run: _Step, frame: pb.StepFrame) -> None:
-        index = run.expect(frame, "activation", run.losses)
+    def _on_output(self, run: _Step, frame: pb.StepFrame) -> None:
+        index = run.check(frame, run.losses)
         z = wire.decode_tensor(
             frame.activation, sample_shape=self.downlink_shape, max_batch=self.max_batch,
             what="downlink activation", clock=self.clock,
         )
         out = self.tail.stage.forward(index, z, input_grad=self._middle_trains)
-        run.losses[index] = _loss(out, run.micro[index][1], run.samples)
-
-    def _backward_and_send_gradients(self, run: _Step) -> None:
-        # Reverse micro-batch order, as torchgpipe.GPipe runs it, so that gradients accumulate
-        # in the same order and the result is bit-identical.
-        for index in sorted(run.losses, reverse=True):
-            start = time.perf_counter()
-            grad = self.tail.stage.backward(index, loss=run.losses[index])
-            run.backward_seconds += time.perf_counter() - start
-            if self._middle_trains:
-                message = wire.encode_tensor(
-                    grad, self.config.link.gradients, "gradient", clock=self.clock, generator=self.rounding
-                )
-                run.call.send(run.frame(self.link.session, index, gradient=message))
-
-    def _receive_head_gradients(self, run: _Step) -> None:
-        expected = len(run.micro) if self._head_trains else 0
-        while len(run.head_gradients) < expected:
-            frame = run.call.receive()
-            index = run.expect(frame, "gradient", run.head_gradients)
-            grad = wire.decode_tensor(
-                frame.gradient, sample_shape=self.uplink_shape, max_batch=self.max_batch,
-                what="downlink gradient", clock=self.clock,
+        loss = _loss(out, run.micro[index][1], run.samples)
+        run.losses[index] = loss.item()
+        start = time.perf_counter()
+        grad = self.tail.stage.backward(index, loss=loss)
+        run.backward_seconds += time.perf_counter() - start
+        if self._middle_trains:
+            message = wire.encode_tensor(
+                grad, self.config.link.gradients, "gradient", clock=self.clock, generator=self.rounding
             )
-            start = time.perf_counter()
-            self.head.stage.backward(index, grad)
-            run.backward_seconds += time.perf_counter() - start
-            run.head_gradients.add(index)
+            run.call.send(run.frame(self.link.session, index, gradient=message))
+
+    def _on_head_gradient(self, run: _Step, frame: pb.StepFrame) -> None:
+        index = run.check(frame, run.head_gradients)
+        grad = wire.decode_tensor(
+            frame.gradient, sample_shape=self.uplink_shape, max_batch=self.max_batch,
+            what="downlink gradient", clock=self.clock,
+        )
+        start = time.perf_counter()
+        self.head.stage.backward(index, grad)
+        run.backward_seconds += time.perf_counter() - start
+        run.head_gradients.add(index)
 
     def _end(self, run: _Step, epoch_end: bool) -> pb.StepDone:
         stats = self.head.commit(epoch_end=epoch_end) + self.tail.commit(epoch_end=epoch_end)

@@ -1,8 +1,6 @@
 """Run one slice of layers on micro-batches: forward, backward, frozen prefix without autograd."""
 from __future__ import annotations
 
-from collections.abc import Hashable
-
 import torch
 from torch import nn
 
@@ -13,15 +11,19 @@ class Stage:
     """A contiguous slice ``layers`` of the whole model, starting at global index ``offset``.
 
     ``boundary`` is the freeze boundary of the whole model: the slice's layers below it run
-    under ``torch.no_grad()`` and keep no activations.  Forward passes are keyed (by
-    micro-batch) so that backward passes may arrive later and in any order.
+    under ``torch.no_grad()`` and keep no activations.  Forward passes are keyed by micro-batch
+    index so that backward passes may arrive later and in any order: each micro-batch's
+    parameter gradients are kept apart and :meth:`accumulate_gradients` sums them in
+    torchgpipe's order (the last micro-batch first), so the result is the same to the last bit
+    whatever order the backward passes ran in. The price is one gradient copy per micro-batch.
     """
 
     def __init__(self, layers: nn.Sequential, offset: int) -> None:
         self.layers = layers
         self.offset = offset
         self.boundary = 0
-        self._saved: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gradients: dict[int, list[torch.Tensor | None]] = {}
         self._buffers: dict[str, torch.Tensor] | None = None
 
     @property
@@ -34,7 +36,7 @@ class Stage:
         """Whether any layer of this slice still learns."""
         return self.frozen < len(self.layers)
 
-    def forward(self, key: Hashable, x: torch.Tensor, *, input_grad: bool = False) -> torch.Tensor:
+    def forward(self, key: int, x: torch.Tensor, *, input_grad: bool = False) -> torch.Tensor:
         """Training forward of one micro-batch; keeps what :meth:`backward` needs under ``key``.
 
         ``input_grad`` asks for the gradient with respect to ``x`` (the cloud does, for the
@@ -52,7 +54,7 @@ class Stage:
         return out
 
     def backward(
-        self, key: Hashable, grad: torch.Tensor | None = None, *, loss: torch.Tensor | None = None
+        self, key: int, grad: torch.Tensor | None = None, *, loss: torch.Tensor | None = None
     ) -> torch.Tensor | None:
         """Backward of the micro-batch ``key``, from the gradient of its output or from a scalar
         ``loss`` computed on that output.
@@ -64,7 +66,27 @@ class Stage:
             loss.backward()
         elif out.requires_grad:
             torch.autograd.backward(out, grad)
+        params = self._trainable()
+        self._gradients[key] = [p.grad for p in params]
+        for p in params:
+            p.grad = None
         return leaf.grad if leaf.requires_grad else None
+
+    def accumulate_gradients(self) -> None:
+        """Sum the kept micro-batch gradients into ``.grad``, last micro-batch first (GPipe's order)."""
+        params = self._trainable()
+        for key in sorted(self._gradients, reverse=True):
+            for p, g in zip(params, self._gradients[key], strict=True):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad += g  # what autograd's accumulation does, in the same order
+        self._gradients.clear()
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.layers.parameters() if p.requires_grad]
 
     def evaluate(self, x: torch.Tensor) -> torch.Tensor:
         """Forward-only pass in eval mode; every layer's train/eval mode is restored afterwards."""
@@ -80,11 +102,13 @@ class Stage:
     def begin_step(self) -> None:
         """Start a step: remember the buffers (BatchNorm running statistics) to undo an abort."""
         self._saved.clear()
+        self._gradients.clear()
         self._buffers = {name: buf.clone() for name, buf in self.layers.named_buffers()}
 
     def abort_step(self) -> None:
-        """Undo the buffer updates of an unfinished step and drop its saved activations."""
+        """Undo the buffer updates of an unfinished step and drop its saved activations and gradients."""
         self._saved.clear()
+        self._gradients.clear()
         if self._buffers is not None:
             with torch.no_grad():
                 for name, buf in self.layers.named_buffers():

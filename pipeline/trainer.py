@@ -39,6 +39,7 @@ class StageTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def commit(self, *, epoch_end: bool) -> list[LayerStat]:
-        """Step the optimizer; return this stage's statistics for the skip controller."""
+        """Sum the micro-batch gradients, step the optimizer; return this stage's statistics."""
+        self.stage.accumulate_gradients()
         self.optimizer.step()
         return self.statistics.collect(epoch_end=epoch_end)
