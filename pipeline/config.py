@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.codecs import codec_names
 
 __all__ = [
+    "CheckpointSection",
     "Config",
     "ConfigError",
     "LinkSection",
@@ -75,6 +76,9 @@ class LinkSection(_Section):
     gradients: Literal[codec_names("gradient")] = "fp32"  # type: ignore[valid-type]
     max_message_mib: int = Field(64, ge=1, le=MAX_MESSAGE_MIB)
     timeout_seconds: float = Field(120.0, gt=0)
+    # Edge only (left out of agreed()): how long the edge keeps retrying a lost cloud before
+    # it gives up; 0 gives up at once.
+    reconnect_seconds: float = Field(120.0, ge=0)
 
 
 SkipPolicyName = Literal["none", "manual", "cac-auto", "lars", "norm-ema", "schedule"]
@@ -164,6 +168,15 @@ class TrainSection(_Section):
         raise ValueError('allowed: "digits", "synthetic" or "cifar10:DIR" (the CIFAR-10 binary version)')
 
 
+class CheckpointSection(_Section):
+    """`[checkpoint]`: how often both sides save their half of a checkpoint and how many they keep."""
+
+    every_steps: int = Field(50, ge=1)
+    # A side's newest checkpoint counts only once the other side has it too, so the one
+    # before it must stay: at least 2.
+    keep: int = Field(2, ge=2)
+
+
 class Config(_Section):
     """A whole configuration file."""
 
@@ -172,6 +185,7 @@ class Config(_Section):
     link: LinkSection = Field(default_factory=LinkSection)
     skip: SkipSection = Field(default_factory=SkipSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
 
     @model_validator(mode="after")
     def _chunks_fit_batch(self) -> Config:
@@ -221,9 +235,13 @@ class Config(_Section):
         return tomli_w.dumps(data)
 
     def agreed(self) -> dict[str, Any]:
-        """The part of the configuration edge and cloud must share (everything but where data lives)."""
+        """The part of the configuration edge and cloud must share.
+
+        Everything but where the edge's data lives and how long the edge retries a lost cloud.
+        """
         data = self.to_dict()
         data["train"].pop("dataset")
+        data["link"].pop("reconnect_seconds")
         return data
 
 

@@ -39,6 +39,10 @@ dataset = "synthetic"
 batch_size = 32
 epochs = 2
 lr = 0.1
+
+[checkpoint]
+every_steps = 20
+keep = 3
 """
 
 
@@ -67,12 +71,15 @@ def test_good_file_loads(tmp_path: Path) -> None:
     assert config.skip.start_thr == 0.95  # CAC's default for what the file leaves out
     assert config.train.lr == 0.1 and config.train.batch_size == 32
     assert config.micro_batch_size == 8
+    assert (config.checkpoint.every_steps, config.checkpoint.keep) == (20, 3)
 
 
 def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
     config = load_config(_write(tmp_path, ""))
     assert config == Config()
     assert config.link.max_message_mib == 64
+    assert (config.checkpoint.every_steps, config.checkpoint.keep) == (50, 2)
+    assert config.link.reconnect_seconds == 120.0
 
 
 def test_misspelled_key_names_it_and_the_allowed_keys(tmp_path: Path) -> None:
@@ -83,11 +90,28 @@ def test_misspelled_key_names_it_and_the_allowed_keys(tmp_path: Path) -> None:
         assert key in message.split("partition.edge_heads", 1)[1]
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "wrong", "allowed"),
+    [
+        ("keep = 3", "kept = 3", "checkpoint.kept", ("every_steps", "keep")),
+        ('gradients = "int8-sr"', 'gradients = "int8-sr"\nreconnect = 5',
+         "link.reconnect", ("reconnect_seconds", "timeout_seconds", "uplink")),
+    ],
+)
+def test_misspelled_new_keys_name_the_allowed_keys(
+    tmp_path: Path, old: str, new: str, wrong: str, allowed: tuple[str, ...]
+) -> None:
+    message = _error(tmp_path, GOOD.replace(old, new))
+    assert f"{wrong}: unknown key" in message
+    for key in allowed:
+        assert key in message.split(wrong, 1)[1]
+
+
 def test_unknown_section_names_it_and_the_allowed_sections(tmp_path: Path) -> None:
     message = _error(tmp_path, GOOD + '\n[partitions]\nedge_head = 2\n')
     assert "[partitions]" in message
     assert "unknown section" in message
-    for section in ("model", "partition", "link", "skip", "train"):
+    for section in ("model", "partition", "link", "skip", "train", "checkpoint"):
         assert section in message
 
 
@@ -110,6 +134,11 @@ def test_unknown_section_names_it_and_the_allowed_sections(tmp_path: Path) -> No
         ("seed = 3", "seed = 3\nwidth = 0.0", "model.width"),
         ("seed = 3", "seed = 3\nwidth = 4.5", "model.width"),
         ('dataset = "synthetic"', 'dataset = "imagenet"', "train.dataset"),
+        ("every_steps = 20", "every_steps = 0", "checkpoint.every_steps"),
+        ("every_steps = 20", "every_steps = 2.5", "checkpoint.every_steps"),
+        ("keep = 3", "keep = 1", "checkpoint.keep"),
+        ('gradients = "int8-sr"', 'gradients = "int8-sr"\nreconnect_seconds = -1.0', "link.reconnect_seconds"),
+        ('gradients = "int8-sr"', 'gradients = "int8-sr"\nreconnect_seconds = "soon"', "link.reconnect_seconds"),
     ],
 )
 def test_a_bad_value_names_its_key(tmp_path: Path, old: str, new: str, key: str) -> None:
@@ -217,8 +246,9 @@ def test_policy_settings_cover_every_policy() -> None:
 def test_to_dict_round_trips_through_parse_config(policy: str) -> None:
     config = make_config(
         skip={"policy": policy, **POLICY_SETTINGS[policy]},
-        link={"uplink": "int4", "gradients": "int8-sr", "max_message_mib": 16},
+        link={"uplink": "int4", "gradients": "int8-sr", "max_message_mib": 16, "reconnect_seconds": 0.0},
         train={"lr_schedule": "cosine", "max_steps": 7, "epochs": 3},
+        checkpoint={"every_steps": 5, "keep": 4},
     )
     data = config.to_dict()
     # As a run's summary.json stores it: through JSON.
@@ -236,8 +266,9 @@ def test_to_toml_round_trips_through_parse_config(policy: str) -> None:
     config = make_config(
         model={"width": 0.5},
         skip={"policy": policy, **POLICY_SETTINGS[policy]},
-        link={"uplink": "int8", "gradients": "int8-sr", "timeout_seconds": 30.0},
+        link={"uplink": "int8", "gradients": "int8-sr", "timeout_seconds": 30.0, "reconnect_seconds": 7.5},
         train={"lr_schedule": "cosine", "max_steps": 7, "weight_decay": 0.0, "epochs": 3},
+        checkpoint={"every_steps": 9, "keep": 3},
     )
     text = config.to_toml()
     assert parse_config(tomllib.loads(text), "round trip") == config
@@ -266,3 +297,17 @@ def test_agreed_leaves_out_where_the_data_lives() -> None:
     b = make_config(train={"dataset": "synthetic"}).agreed()
     assert a == b
     assert "dataset" not in a["train"]
+
+
+def test_agreed_leaves_out_how_long_the_edge_retries_but_keeps_the_checkpoint_cadence() -> None:
+    patient = make_config(link={"reconnect_seconds": 600.0}).agreed()
+    hasty = make_config(link={"reconnect_seconds": 0}).agreed()
+    assert patient == hasty
+    assert "reconnect_seconds" not in patient["link"]
+    assert patient["checkpoint"] == {"every_steps": 50, "keep": 2}
+    # Both sides must save at the same steps and keep as many: a difference is named.
+    often = make_config(checkpoint={"every_steps": 10}).agreed()
+    assert "checkpoint.every_steps: edge 10, cloud 50" in describe_differences(often, patient)
+    assert "checkpoint.keep: edge 3, cloud 2" in describe_differences(
+        make_config(checkpoint={"keep": 3}).agreed(), patient
+    )
