@@ -8,13 +8,14 @@ from rich.text import Text
 from pipeline.accounting import EpochTraffic, FreezeSavings, epoch_traffic, freeze_savings, uplink_codec_use
 from pipeline.partition import Crossing, Cuts, LayerProfile, PartitionError
 from pipeline.runs import Run
-from pipeline.traffic import KINDS, MIB
+from pipeline.traffic import KINDS, MIB, PHASES
 
 __all__ = [
     "format_bytes",
     "format_count",
     "format_mib",
     "partition_table",
+    "phase_table",
     "render_report",
     "savings_table",
     "traffic_table",
@@ -113,8 +114,28 @@ def savings_table(savings: FreezeSavings) -> Table:
     return table
 
 
+def phase_table(run: Run) -> Table:
+    """What the bytes were for: training steps apart from evaluation, weight fetch and handshake."""
+    phases = run.summary.traffic.by_phase if run.summary is not None else None
+    if not phases:
+        raise ValueError(f"{run.path}: summary.json has no traffic by phase (a run of an older edgepipe)")
+    table = Table(title="link traffic by phase (MiB)")
+    for header in ("phase", "up", "down", "msgs", "share"):
+        table.add_column(header, justify="right" if header != "phase" else "left")
+    everything = sum(c.uplink_bytes + c.downlink_bytes for c in phases.values()) or 1
+    for phase in PHASES:
+        counts = phases.get(phase)
+        if counts is None:
+            continue
+        both = counts.uplink_bytes + counts.downlink_bytes
+        table.add_row(phase, format_mib(counts.uplink_bytes), format_mib(counts.downlink_bytes),
+                      str(counts.messages), f"{100 * both / everything:.1f} %")
+    return table
+
+
 def render_report(run: Run) -> list[RenderableType]:
-    """The traffic table, the freeze savings (when something froze), the codec line and a one-line total."""
+    """The traffic table, the freeze savings (when something froze), the bytes by phase, the codec
+    line and a one-line total."""
     total = epoch_traffic(run)[-1]
     parts: list[RenderableType] = [traffic_table(run)]
     if run.freeze_events():
@@ -122,6 +143,8 @@ def render_report(run: Run) -> list[RenderableType]:
             parts.append(Text("freeze savings need summary.json, which is written when training ends"))
         else:
             parts.append(savings_table(freeze_savings(run)))
+    if run.summary is not None and run.summary.traffic.by_phase and not run.is_local:
+        parts.append(phase_table(run))
     codec = uplink_codec_use(run)
     if codec is not None:
         parts.append(

@@ -71,11 +71,12 @@ class ByKind(_Schema):
 
 
 class Traffic(_Schema, _Sent):
-    """The ``traffic`` object of summary.json: totals per direction and per kind."""
+    """The ``traffic`` object of summary.json: totals per direction, per kind and (newer runs) per phase."""
 
     uplink_bytes: int
     downlink_bytes: int
     by_kind: ByKind
+    by_phase: dict[str, KindCounts] | None = None
 
 
 class StepRecord(_Schema, _Sent):

@@ -82,9 +82,10 @@ def test_a_local_table_says_nothing_crossed(local_dir: Path) -> None:
     assert "local run: nothing crossed a link" in _text(traffic_table(load_run(local_dir)))
 
 
-def test_render_report_has_the_table_the_savings_and_a_total_line(split_dir: Path) -> None:
+def test_render_report_has_the_table_the_savings_the_phases_and_a_total_line(split_dir: Path) -> None:
     parts = render_report(load_run(split_dir))
-    assert len(parts) == 3
+    assert len(parts) == 4
+    assert "by phase" in _text(parts[2])
     traffic = summary(split_dir)["traffic"]
     assert _text(parts[-1]).strip() == (
         f"link total: {traffic['uplink_bytes'] / 2**20:.2f} MiB up, "
@@ -104,7 +105,7 @@ def test_the_report_says_what_the_uplink_codec_saved(split_dir: Path, tmp_path: 
             line["uplink_activation_fp32_bytes"] = 4 * line["by_kind"]["activation"]["uplink_bytes"]
     (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     sent = sum(r["by_kind"]["activation"]["uplink_bytes"] for r in lines if "step" in r)
-    text = _text(render_report(load_run(copy))[2])
+    text = next(t for t in map(_text, render_report(load_run(copy))) if t.startswith("uplink activations"))
     assert text.strip() == (
         f"uplink activations (training): {sent / 2**20:.2f} MiB as int8, "
         f"{4 * sent / 2**20:.2f} MiB as fp32 would have cost: 0.250 of fp32"
