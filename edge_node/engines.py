@@ -14,6 +14,7 @@ from pipeline.blueprint import Blueprint
 from pipeline.codecs import payload_bytes
 from pipeline.partition import split
 from pipeline.skip import Decision, StepStats
+from pipeline.timeline import StepTimeline
 from pipeline.trainer import StageTrainer
 from protos import edgepipe_pb2 as pb
 
@@ -32,6 +33,8 @@ class StepResult:
     cloud_codec_seconds: tuple[float, float] = (0.0, 0.0)
     #: How many more payload bytes the uplink activations would have taken as fp32.
     uplink_fp32_extra_bytes: int = 0
+    #: Where the step's time went on both machines (split runs).
+    timeline: StepTimeline | None = None
 
 
 def _micro_batches(x: torch.Tensor, y: torch.Tensor, chunks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -91,6 +94,7 @@ class _Step:
     step: int
     call: StepCall
     micro: list[tuple[torch.Tensor, torch.Tensor]]
+    timeline: StepTimeline
     sent: int = 0
     losses: dict[int, float] = field(default_factory=dict)
     head_gradients: set[int] = field(default_factory=set)
@@ -165,7 +169,7 @@ class SplitEngine:
     def step(self, step: int, epoch: int, lr: float, x: torch.Tensor, y: torch.Tensor, epoch_end: bool) -> StepResult:
         """Stream the micro-batches through the cloud, then step both sides' optimizers."""
         micro = _micro_batches(x, y, self.config.partition.chunks)
-        run = _Step(step, self.link.step(), micro)
+        run = _Step(step, self.link.step(), micro, StepTimeline(step))
         try:
             self._begin(run, epoch, lr)
             self._stream(run)
@@ -185,6 +189,7 @@ class SplitEngine:
             edge_codec_seconds=self.clock.take(),
             cloud_codec_seconds=(done.encode_seconds, done.decode_seconds),
             uplink_fp32_extra_bytes=run.fp32_extra,
+            timeline=run.timeline,
         )
 
     # -- the handlers --------------------------------------------------------------------
@@ -204,7 +209,11 @@ class SplitEngine:
         head_gradients = chunks if self._head_trains else 0
         while run.sent < chunks or len(run.losses) < outputs or len(run.head_gradients) < head_gradients:
             # What came back goes first, so gradients travel while later activations do.
-            frame = run.call.poll() if run.sent < chunks else run.call.receive()
+            if run.sent < chunks:
+                frame = run.call.poll()
+            else:
+                with run.timeline.span("wait"):
+                    frame = run.call.receive()
             kind = None if frame is None else frame.WhichOneof("body")
             if frame is None:
                 self._send_activation(run)
@@ -218,9 +227,11 @@ class SplitEngine:
     def _send_activation(self, run: _Step) -> None:
         index = run.sent
         xi, yi = run.micro[index]
-        activation = self.head.stage.forward(index, xi)
+        with run.timeline.span("head forward", index):
+            activation = self.head.stage.forward(index, xi)
         uplink = self.config.link.uplink
-        message = wire.encode_tensor(activation, uplink, "activation", clock=self.clock)
+        with run.timeline.span("encode", index):
+            message = wire.encode_tensor(activation, uplink, "activation", clock=self.clock)
         run.fp32_extra += 4 * activation.numel() - payload_bytes(uplink, tuple(activation.shape))
         labels = yi.tolist() if self._loss_on_cloud else []
         run.call.send(run.frame(self.link.session, index, activation=message, labels=labels))
@@ -228,42 +239,57 @@ class SplitEngine:
 
     def _on_output(self, run: _Step, frame: pb.StepFrame) -> None:
         index = run.check(frame, run.losses)
-        z = wire.decode_tensor(
-            frame.activation, sample_shape=self.downlink_shape, max_batch=self.max_batch,
-            what="downlink activation", clock=self.clock,
-        )
-        out = self.tail.stage.forward(index, z, input_grad=self._middle_trains)
-        loss = _loss(out, run.micro[index][1], run.samples)
-        run.losses[index] = loss.item()
+        with run.timeline.span("decode", index):
+            z = wire.decode_tensor(
+                frame.activation, sample_shape=self.downlink_shape, max_batch=self.max_batch,
+                what="downlink activation", clock=self.clock,
+            )
+        with run.timeline.span("tail forward", index):
+            out = self.tail.stage.forward(index, z, input_grad=self._middle_trains)
+            loss = _loss(out, run.micro[index][1], run.samples)
+            run.losses[index] = loss.item()
         start = time.perf_counter()
-        grad = self.tail.stage.backward(index, loss=loss)
+        with run.timeline.span("tail backward", index):
+            grad = self.tail.stage.backward(index, loss=loss)
         run.backward_seconds += time.perf_counter() - start
         if self._middle_trains:
-            message = wire.encode_tensor(
-                grad, self.config.link.gradients, "gradient", clock=self.clock, generator=self.rounding
-            )
+            with run.timeline.span("encode", index):
+                message = wire.encode_tensor(
+                    grad, self.config.link.gradients, "gradient", clock=self.clock, generator=self.rounding
+                )
             run.call.send(run.frame(self.link.session, index, gradient=message))
 
     def _on_head_gradient(self, run: _Step, frame: pb.StepFrame) -> None:
         index = run.check(frame, run.head_gradients)
-        grad = wire.decode_tensor(
-            frame.gradient, sample_shape=self.uplink_shape, max_batch=self.max_batch,
-            what="downlink gradient", clock=self.clock,
-        )
+        with run.timeline.span("decode", index):
+            grad = wire.decode_tensor(
+                frame.gradient, sample_shape=self.uplink_shape, max_batch=self.max_batch,
+                what="downlink gradient", clock=self.clock,
+            )
         start = time.perf_counter()
-        self.head.stage.backward(index, grad)
+        with run.timeline.span("head backward", index):
+            self.head.stage.backward(index, grad)
         run.backward_seconds += time.perf_counter() - start
         run.head_gradients.add(index)
 
     def _end(self, run: _Step, epoch_end: bool) -> pb.StepDone:
-        stats = self.head.commit(epoch_end=epoch_end) + self.tail.commit(epoch_end=epoch_end)
+        with run.timeline.span("optimizer"):
+            stats = self.head.commit(epoch_end=epoch_end) + self.tail.commit(epoch_end=epoch_end)
         end = pb.StepEnd(epoch_end=epoch_end, stats=wire.stats_to_message(stats))
+        sent = run.timeline.now()
         run.call.send(run.frame(self.link.session, end=end))
-        reply = run.call.receive()
+        with run.timeline.span("wait"):
+            reply = run.call.receive()
         if reply.WhichOneof("body") != "done":
             raise LinkError(f"expected the cloud's step-done frame, got {reply.WhichOneof('body')!r}")
         run.call.finish()
-        return reply.done
+        done = reply.done
+        # The cloud's clock starts when our begin frame reached it, about half a round trip after
+        # we sent it; the end/done exchange, less the cloud's time handling end, is one round trip.
+        handling = sum(s.end - s.start for s in done.spans if s.name == "end")
+        round_trip = max(run.timeline.now() - sent - handling, 0.0)
+        run.timeline.add_remote([(s.name, s.micro_batch, s.start, s.end) for s in done.spans], offset=round_trip / 2)
+        return done
 
     # -- evaluation and the final weights -----------------------------------------------
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from edgepipe.link_command import add_link_command
+from edgepipe.plan_command import add_partition_commands
 
 __all__ = ["main"]
 
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     show.add_argument("file", help="configuration file (TOML)")
     show.set_defaults(run=_partition_show)
+    add_partition_commands(partition_commands)
 
     traffic = commands.add_parser(
         "traffic",
