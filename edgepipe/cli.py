@@ -4,9 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgepipe.link_command import add_link_command
 from edgepipe.plan_command import add_partition_commands
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["main"]
 
@@ -43,7 +47,23 @@ def _traffic(args: argparse.Namespace) -> int:
     if args.plot:
         plot_traffic(run, args.plot)
         console.print(f"wrote {args.plot}")
+    if args.timeline:
+        _timeline(args, console)
     return 0
+
+
+def _timeline(args: argparse.Namespace, console: Console) -> None:
+    from edgepipe.timeline_plot import plot_step_timeline
+    from pipeline.timeline import TraceError, read_trace
+
+    steps = read_trace(args.trace or Path(args.run_dir) / "trace.json")
+    # By default the step of median length: a typical step, not the first (warm-up) one.
+    by_length = sorted(steps, key=lambda s: max(span.end for span in steps[s]))
+    step = by_length[len(by_length) // 2] if args.step is None else args.step
+    if step not in steps:
+        raise TraceError(f"the trace holds steps {min(steps)}..{max(steps)}, not step {step}")
+    plot_step_timeline(steps[step], step, args.timeline)
+    console.print(f"wrote {args.timeline} (step {step})")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -91,6 +111,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     traffic.add_argument("run_dir", metavar="RUN_DIR", help="an edge run directory")
     traffic.add_argument("--plot", metavar="FILE.png", help="also draw bytes per step and cumulative bytes")
+    traffic.add_argument("--timeline", metavar="FILE.png",
+                         help="draw one step's timeline on both machines from the run's trace (edgepipe-edge --trace)")
+    traffic.add_argument("--trace", metavar="FILE.json", help="the trace to draw (default RUN_DIR/trace.json)")
+    traffic.add_argument("--step", type=int, default=None, help="which step to draw (default: the median-length one)")
     traffic.set_defaults(run=_traffic)
     add_link_command(commands)
     return parser
@@ -104,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.models import ModelError
     from pipeline.partition import PartitionError
     from pipeline.runs import RunFileError
+    from pipeline.timeline import TraceError
 
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ModelError, PartitionError, DataError, RunFileError, PlotError, RuntimeError, OSError) as exc:
+    except (ConfigError, ModelError, PartitionError, DataError, RunFileError, PlotError, TraceError, RuntimeError, OSError) as exc:
         print(f"edgepipe: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

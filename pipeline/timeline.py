@@ -9,9 +9,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from pipeline.checkpoint import write_atomically
 
-__all__ = ["Span", "StepTimeline", "write_trace"]
+__all__ = ["Span", "StepTimeline", "TraceError", "read_trace", "write_trace"]
 
 #: The rows of the trace, one per machine; "link" holds what was in flight.
 SIDES = ("edge", "cloud")
@@ -76,3 +78,39 @@ def write_trace(path: str | Path, steps: Sequence[StepTimeline], *, step_starts:
             })
     blob = json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}).encode()
     write_atomically(Path(path), lambda handle: handle.write(blob))
+
+
+class TraceError(ValueError):
+    """A trace file cannot be read; the message names the file and what is wrong."""
+
+
+class _SpanEvent(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ph: str
+    args: dict[str, Any] = {}
+
+
+class _Trace(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    traceEvents: list[_SpanEvent]  # noqa: N815 - the Chrome trace format's name
+
+
+def read_trace(path: str | Path) -> dict[int, list[Span]]:
+    """The spans of a trace written by :func:`write_trace`, by step, on each step's own clock."""
+    path = Path(path)
+    try:
+        trace = _Trace.model_validate_json(path.read_bytes())
+        steps: dict[int, list[Span]] = {}
+        for event in trace.traceEvents:
+            if event.ph == "X":
+                span = Span(**{k: event.args[k] for k in ("side", "name", "micro_batch", "start", "end")})
+                steps.setdefault(int(event.args["step"]), []).append(span)
+    except OSError as exc:
+        raise TraceError(f"cannot read trace {path}: {exc.strerror}") from None
+    except (ValidationError, KeyError, TypeError) as exc:
+        raise TraceError(f"{path}: not a trace written by edgepipe-edge --trace ({type(exc).__name__})") from None
+    if not steps:
+        raise TraceError(f"{path}: the trace holds no step")
+    return steps
