@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/edgepipe.proto\x12\x0b\x65\x64gepipe.v1\"|\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x03(\x02\x12\x12\n\nzero_point\x18\x05 \x03(\x02\x12\x14\n\x0c\x63hannel_axis\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\"x\n\x0bOpenRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x11\n\tedge_name\x18\x03 \x01(\t\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\x05 \x01(\x03\"E\n\tOpenReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\'\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x15.edgepipe.v1.Decision\"\x90\x01\n\tLayerStat\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08has_conv\x18\x02 \x01(\x08\x12\x13\n\x0bweight_norm\x18\x03 \x01(\x01\x12\x17\n\x0fweight_variance\x18\x04 \x01(\x01\x12\x1e\n\x11\x65poch_update_norm\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x14\n\x12_epoch_update_norm\")\n\x08LrFactor\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\"G\n\x08\x44\x65\x63ision\x12\x10\n\x08\x62oundary\x18\x01 \x01(\x05\x12)\n\nlr_factors\x18\x02 \x03(\x0b\x32\x15.edgepipe.v1.LrFactor\"Y\n\tStepBegin\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x05\x12\x10\n\x08\x62oundary\x18\x04 \x01(\x05\x12\x0f\n\x07samples\x18\x05 \x01(\x05\"C\n\x07StepEnd\x12\x11\n\tepoch_end\x18\x01 \x01(\x08\x12%\n\x05stats\x18\x02 \x03(\x0b\x32\x16.edgepipe.v1.LayerStat\"\xad\x01\n\x08StepDone\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x15.edgepipe.v1.Decision\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x18\n\x10\x62\x61\x63kward_seconds\x18\x05 \x01(\x01\x12 \n\x05spans\x18\x06 \x03(\x0b\x32\x11.edgepipe.v1.Span\"E\n\x04Span\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\x05\x12\r\n\x05start\x18\x03 \x01(\x01\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x01\"\xa0\x02\n\tStepFrame\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\x05\x12\'\n\x05\x62\x65gin\x18\x04 \x01(\x0b\x32\x16.edgepipe.v1.StepBeginH\x00\x12)\n\nactivation\x18\x05 \x01(\x0b\x32\x13.edgepipe.v1.TensorH\x00\x12\'\n\x08gradient\x18\x06 \x01(\x0b\x32\x13.edgepipe.v1.TensorH\x00\x12#\n\x03\x65nd\x18\x07 \x01(\x0b\x32\x14.edgepipe.v1.StepEndH\x00\x12%\n\x04\x64one\x18\x08 \x01(\x0b\x32\x15.edgepipe.v1.StepDoneH\x00\x12\x0e\n\x06labels\x18\t \x03(\x05\x42\x06\n\x04\x62ody\"T\n\tEvalFrame\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\x05\x12\'\n\nactivation\x18\x03 \x01(\x0b\x32\x13.edgepipe.v1.Tensor\"\x1d\n\nSessionRef\x12\x0f\n\x07session\x18\x01 \x01(\t\"@\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.edgepipe.v1.Tensor\"\x0c\n\nCloseReply2\xb8\x02\n\x05\x43loud\x12\x38\n\x04Open\x12\x18.edgepipe.v1.OpenRequest\x1a\x16.edgepipe.v1.OpenReply\x12:\n\x04Step\x12\x16.edgepipe.v1.StepFrame\x1a\x16.edgepipe.v1.StepFrame(\x01\x30\x01\x12>\n\x08\x45valuate\x12\x16.edgepipe.v1.EvalFrame\x1a\x16.edgepipe.v1.EvalFrame(\x01\x30\x01\x12>\n\x07Weights\x12\x17.edgepipe.v1.SessionRef\x1a\x18.edgepipe.v1.NamedTensor0\x01\x12\x39\n\x05\x43lose\x12\x17.edgepipe.v1.SessionRef\x1a\x17.edgepipe.v1.CloseReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15protos/edgepipe.proto\x12\x0b\x65\x64gepipe.v1\"|\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05scale\x18\x04 \x03(\x02\x12\x12\n\nzero_point\x18\x05 \x03(\x02\x12\x14\n\x0c\x63hannel_axis\x18\x06 \x01(\x05\x12\r\n\x05\x64type\x18\x07 \x01(\t\"\xad\x01\n\x0bOpenRequest\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12\x13\n\x0b\x63onfig_json\x18\x02 \x01(\t\x12\x11\n\tedge_name\x18\x03 \x01(\t\x12\x13\n\x0btotal_steps\x18\x04 \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\x05 \x01(\x03\x12\x0e\n\x06run_id\x18\x06 \x01(\t\x12\x0e\n\x06resume\x18\x07 \x01(\x08\x12\x13\n\x0bresume_step\x18\x08 \x01(\x03\"X\n\tOpenReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\'\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0b\x32\x15.edgepipe.v1.Decision\x12\x11\n\tnext_step\x18\x03 \x01(\x03\"\x90\x01\n\tLayerStat\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x10\n\x08has_conv\x18\x02 \x01(\x08\x12\x13\n\x0bweight_norm\x18\x03 \x01(\x01\x12\x17\n\x0fweight_variance\x18\x04 \x01(\x01\x12\x1e\n\x11\x65poch_update_norm\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x14\n\x12_epoch_update_norm\")\n\x08LrFactor\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61\x63tor\x18\x02 \x01(\x01\"G\n\x08\x44\x65\x63ision\x12\x10\n\x08\x62oundary\x18\x01 \x01(\x05\x12)\n\nlr_factors\x18\x02 \x03(\x0b\x32\x15.edgepipe.v1.LrFactor\"Y\n\tStepBegin\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\n\n\x02lr\x18\x02 \x01(\x01\x12\x0e\n\x06\x63hunks\x18\x03 \x01(\x05\x12\x10\n\x08\x62oundary\x18\x04 \x01(\x05\x12\x0f\n\x07samples\x18\x05 \x01(\x05\"W\n\x07StepEnd\x12\x11\n\tepoch_end\x18\x01 \x01(\x08\x12%\n\x05stats\x18\x02 \x03(\x0b\x32\x16.edgepipe.v1.LayerStat\x12\x12\n\ncheckpoint\x18\x03 \x01(\x08\"\xc3\x01\n\x08StepDone\x12\'\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x15.edgepipe.v1.Decision\x12\x0c\n\x04loss\x18\x02 \x01(\x01\x12\x16\n\x0e\x65ncode_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x04 \x01(\x01\x12\x18\n\x10\x62\x61\x63kward_seconds\x18\x05 \x01(\x01\x12 \n\x05spans\x18\x06 \x03(\x0b\x32\x11.edgepipe.v1.Span\x12\x14\n\x0c\x63heckpointed\x18\x07 \x01(\x08\"E\n\x04Span\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\x05\x12\r\n\x05start\x18\x03 \x01(\x01\x12\x0b\n\x03\x65nd\x18\x04 \x01(\x01\"\xa0\x02\n\tStepFrame\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x03 \x01(\x05\x12\'\n\x05\x62\x65gin\x18\x04 \x01(\x0b\x32\x16.edgepipe.v1.StepBeginH\x00\x12)\n\nactivation\x18\x05 \x01(\x0b\x32\x13.edgepipe.v1.TensorH\x00\x12\'\n\x08gradient\x18\x06 \x01(\x0b\x32\x13.edgepipe.v1.TensorH\x00\x12#\n\x03\x65nd\x18\x07 \x01(\x0b\x32\x14.edgepipe.v1.StepEndH\x00\x12%\n\x04\x64one\x18\x08 \x01(\x0b\x32\x15.edgepipe.v1.StepDoneH\x00\x12\x0e\n\x06labels\x18\t \x03(\x05\x42\x06\n\x04\x62ody\"T\n\tEvalFrame\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\x05\x12\'\n\nactivation\x18\x03 \x01(\x0b\x32\x13.edgepipe.v1.Tensor\"\x1d\n\nSessionRef\x12\x0f\n\x07session\x18\x01 \x01(\t\"@\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x06tensor\x18\x02 \x01(\x0b\x32\x13.edgepipe.v1.Tensor\"\x0c\n\nCloseReply2\xb8\x02\n\x05\x43loud\x12\x38\n\x04Open\x12\x18.edgepipe.v1.OpenRequest\x1a\x16.edgepipe.v1.OpenReply\x12:\n\x04Step\x12\x16.edgepipe.v1.StepFrame\x1a\x16.edgepipe.v1.StepFrame(\x01\x30\x01\x12>\n\x08\x45valuate\x12\x16.edgepipe.v1.EvalFrame\x1a\x16.edgepipe.v1.EvalFrame(\x01\x30\x01\x12>\n\x07Weights\x12\x17.edgepipe.v1.SessionRef\x1a\x18.edgepipe.v1.NamedTensor0\x01\x12\x39\n\x05\x43lose\x12\x17.edgepipe.v1.SessionRef\x1a\x17.edgepipe.v1.CloseReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TENSOR']._serialized_start=38
   _globals['_TENSOR']._serialized_end=162
-  _globals['_OPENREQUEST']._serialized_start=164
-  _globals['_OPENREQUEST']._serialized_end=284
-  _globals['_OPENREPLY']._serialized_start=286
-  _globals['_OPENREPLY']._serialized_end=355
-  _globals['_LAYERSTAT']._serialized_start=358
-  _globals['_LAYERSTAT']._serialized_end=502
-  _globals['_LRFACTOR']._serialized_start=504
-  _globals['_LRFACTOR']._serialized_end=545
-  _globals['_DECISION']._serialized_start=547
-  _globals['_DECISION']._serialized_end=618
-  _globals['_STEPBEGIN']._serialized_start=620
-  _globals['_STEPBEGIN']._serialized_end=709
-  _globals['_STEPEND']._serialized_start=711
-  _globals['_STEPEND']._serialized_end=778
-  _globals['_STEPDONE']._serialized_start=781
-  _globals['_STEPDONE']._serialized_end=954
-  _globals['_SPAN']._serialized_start=956
-  _globals['_SPAN']._serialized_end=1025
-  _globals['_STEPFRAME']._serialized_start=1028
-  _globals['_STEPFRAME']._serialized_end=1316
-  _globals['_EVALFRAME']._serialized_start=1318
-  _globals['_EVALFRAME']._serialized_end=1402
-  _globals['_SESSIONREF']._serialized_start=1404
-  _globals['_SESSIONREF']._serialized_end=1433
-  _globals['_NAMEDTENSOR']._serialized_start=1435
-  _globals['_NAMEDTENSOR']._serialized_end=1499
-  _globals['_CLOSEREPLY']._serialized_start=1501
-  _globals['_CLOSEREPLY']._serialized_end=1513
-  _globals['_CLOUD']._serialized_start=1516
-  _globals['_CLOUD']._serialized_end=1828
+  _globals['_OPENREQUEST']._serialized_start=165
+  _globals['_OPENREQUEST']._serialized_end=338
+  _globals['_OPENREPLY']._serialized_start=340
+  _globals['_OPENREPLY']._serialized_end=428
+  _globals['_LAYERSTAT']._serialized_start=431
+  _globals['_LAYERSTAT']._serialized_end=575
+  _globals['_LRFACTOR']._serialized_start=577
+  _globals['_LRFACTOR']._serialized_end=618
+  _globals['_DECISION']._serialized_start=620
+  _globals['_DECISION']._serialized_end=691
+  _globals['_STEPBEGIN']._serialized_start=693
+  _globals['_STEPBEGIN']._serialized_end=782
+  _globals['_STEPEND']._serialized_start=784
+  _globals['_STEPEND']._serialized_end=871
+  _globals['_STEPDONE']._serialized_start=874
+  _globals['_STEPDONE']._serialized_end=1069
+  _globals['_SPAN']._serialized_start=1071
+  _globals['_SPAN']._serialized_end=1140
+  _globals['_STEPFRAME']._serialized_start=1143
+  _globals['_STEPFRAME']._serialized_end=1431
+  _globals['_EVALFRAME']._serialized_start=1433
+  _globals['_EVALFRAME']._serialized_end=1517
+  _globals['_SESSIONREF']._serialized_start=1519
+  _globals['_SESSIONREF']._serialized_end=1548
+  _globals['_NAMEDTENSOR']._serialized_start=1550
+  _globals['_NAMEDTENSOR']._serialized_end=1614
+  _globals['_CLOSEREPLY']._serialized_start=1616
+  _globals['_CLOSEREPLY']._serialized_end=1628
+  _globals['_CLOUD']._serialized_start=1631
+  _globals['_CLOUD']._serialized_end=1943
 # @@protoc_insertion_point(module_scope)
