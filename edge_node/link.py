@@ -1,10 +1,14 @@
-"""The gRPC client end of the link: channel, handshake, one stream per step, deadlines, byte counting."""
+"""The gRPC client end of the link: channel, TLS and token, handshake, one stream per step, deadlines, byte counting."""
 from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,12 +19,94 @@ from pipeline.config import Config
 from pipeline.handshake import fingerprint
 from pipeline.skip import Decision
 from pipeline.traffic import TrafficMeter
+from pipeline.trust import (
+    TrustError, channel_credentials, is_loopback, parse_address, token_call_credentials, token_channel,
+)
 from protos import edgepipe_pb2 as pb
 
-__all__ = ["CloudLink", "LinkError", "StepCall"]
+__all__ = ["CloudLink", "LinkError", "LinkSecurity", "StepCall"]
 
 _SERVICE = "/edgepipe.v1.Cloud/"
+#: A method the cloud does not have: a fail-fast call to it returns the channel's last
+#: connection error, or UNIMPLEMENTED once connected, and never touches a session.
+_PROBE = _SERVICE + "Probe"
+#: Bounds the probe when the channel is still connecting (a black-holed address).
+_PROBE_SECONDS = 5.0
 _END = object()
+#: A dead cloud or a cut link is noticed in about 15 s (measured with a proxy that stops
+#: forwarding), not at the step deadline (link.timeout_seconds, minutes). No keepalive ping goes
+#: out while gRPC's own flow-control ping is unanswered, and that one waits 60 s by default:
+#: both get the same timeout.
+_KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+#: Connection errors that retrying cannot mend: the TLS handshake failed, or the cloud closed
+#: the connection during it (it wanted a client certificate it did not get or did not trust).
+_TLS_FAILURE = re.compile(r"handshake|certificate|verification|TSI_|SSL|Socket closed", re.IGNORECASE)
+_REFUSED_HINT = "check --token-file / EDGEPIPE_TOKEN and the cloud's edges file"
+_FULL_HINT = "try again later, or serve more edges at once (edgepipe-cloud --max-sessions, --workers)"
+_TLS_HINT = "check --tls-ca and --tls-server-name, and --tls-cert/--tls-key if the cloud wants client certificates"
+
+
+@dataclass(frozen=True)
+class LinkSecurity:
+    """How the edge checks the cloud and proves who it is; the default is clear text, to loopback only.
+
+    TLS is on when ``ca``, ``cert`` or ``key`` is given. ``ca`` is the CA file that signed the
+    cloud's certificate (None with TLS on: the system roots); ``cert`` and ``key`` are this
+    edge's client certificate for mutual TLS; ``server_name`` is the name the cloud's
+    certificate must hold when it differs from the host dialled (tunnels, tests). ``token`` is
+    sent as ``authorization: Bearer`` on every call. ``insecure`` allows clear text to another
+    machine, never with a token.
+    """
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+    token: str | None = None
+    insecure: bool = False
+
+    @property
+    def tls(self) -> bool:
+        """Whether the channel is TLS."""
+        return self.ca is not None or self.cert is not None or self.key is not None
+
+    def check(self, address: str) -> None:
+        """Raise :class:`pipeline.trust.TrustError` when these settings must not reach ``address``; connects nowhere."""
+        host, _ = parse_address(address)
+        if self.insecure and self.tls:
+            raise TrustError("--insecure turns TLS off: give either --insecure or --tls-ca/--tls-cert/--tls-key")
+        if self.server_name is not None and not self.tls:
+            raise TrustError("--tls-server-name only applies to TLS: add --tls-ca")
+        if self.tls or is_loopback(host):
+            return
+        if self.token is not None:
+            raise TrustError(f"refusing to send the edge token in clear text to {host}; reach it over TLS (--tls-ca)")
+        if not self.insecure:
+            raise TrustError(
+                f"refusing to talk to {host} in clear text: reach it over TLS (--tls-ca FILE), "
+                "or pass --insecure inside a trusted network or tunnel"
+            )
+
+    def channel(self, address: str, options: list[tuple[str, Any]]) -> tuple[grpc.Channel, grpc.Channel]:
+        """The raw channel (connectivity, close) and the one to call on, which carries the token."""
+        self.check(address)
+        if not self.tls:
+            raw = grpc.insecure_channel(address, options=options)
+            if self.token is None:
+                return raw, raw
+            return raw, token_channel(raw, parse_address(address)[0], self.token)
+        credentials = channel_credentials(self.ca, self.cert, self.key)
+        if self.token is not None:
+            credentials = grpc.composite_channel_credentials(credentials, token_call_credentials(self.token))
+        if self.server_name is not None:
+            options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
+        raw = grpc.secure_channel(address, credentials, options=options)
+        return raw, raw
 
 
 class LinkError(RuntimeError):
@@ -38,6 +124,10 @@ def _link_error(address: str, exc: grpc.RpcError) -> LinkError:
         return LinkError(f"cannot reach the cloud at {address}: {details}", code)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return LinkError(f"the cloud at {address} did not answer in time (link.timeout_seconds)", code)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return LinkError(f"the cloud at {address} refused this edge ({code.name}: {details}); {_REFUSED_HINT}", code)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return LinkError(f"the cloud at {address} is full ({details}); {_FULL_HINT}", code)
     name = code.name if code is not None else "ERROR"
     return LinkError(f"cloud {address} answered {name}: {details}", code)
 
@@ -107,22 +197,32 @@ class CloudLink:
     """The edge's connection to one cloud; every message crosses :class:`TrafficMeter` here."""
 
     def __init__(
-        self, address: str, config: Config, model: nn.Sequential, meter: TrafficMeter, *, connect_timeout: float = 30.0
+        self,
+        address: str,
+        config: Config,
+        model: nn.Sequential,
+        meter: TrafficMeter,
+        *,
+        connect_timeout: float = 30.0,
+        security: LinkSecurity | None = None,
     ) -> None:
+        """Set up the channel to ``address``; nothing connects before :meth:`open`.
+
+        ``security`` None is clear text without a token, to loopback only. Raises
+        :class:`pipeline.trust.TrustError` for settings that must not or cannot be used.
+        """
         self.address = address
         self.connect_timeout = connect_timeout
         self.config = config
         self.meter = meter
         self.session = ""
+        self.security = security or LinkSecurity()
         self._fingerprint = fingerprint(config, model)
         limit = wire.message_limit(config, model)
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", limit),
-                ("grpc.max_receive_message_length", limit),
-            ],
-        )
+        options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+                   *_KEEPALIVE_OPTIONS]
+        self._raw, self._channel = self.security.channel(address, options)
+        self._probe = self._raw.unary_unary(_PROBE)
         self._open = self._method("unary_unary", "Open", pb.OpenReply)
         self._step = self._method("stream_stream", "Step", pb.StepFrame)
         self._evaluate = self._method("stream_stream", "Evaluate", pb.EvalFrame)
@@ -147,12 +247,7 @@ class CloudLink:
 
     def open(self, edge_name: str, *, total_steps: int, steps_per_epoch: int) -> Decision:
         """Handshake for a run of ``total_steps`` steps; returns the freeze decision for step 0."""
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
-        except grpc.FutureTimeoutError:
-            raise LinkError(
-                f"cannot reach the cloud at {self.address} (waited {self.connect_timeout:g} s, --connect-timeout)"
-            ) from None
+        self._wait_until_ready()
         request = pb.OpenRequest(
             fingerprint=self._fingerprint,
             config_json=json.dumps(self.config.agreed(), sort_keys=True),
@@ -166,6 +261,45 @@ class CloudLink:
             raise _link_error(self.address, exc) from None
         self.session = reply.session
         return wire.decision_from_message(reply.decision)
+
+    def _wait_until_ready(self) -> None:
+        # A cloud still starting is waited for; a TLS failure ends the wait at once, since
+        # retrying cannot mend a wrong CA or a refused certificate.
+        states: queue.SimpleQueue[grpc.ChannelConnectivity] = queue.SimpleQueue()
+        notify = states.put
+        self._raw.subscribe(notify, try_to_connect=True)
+        deadline = time.monotonic() + self.connect_timeout
+        state = None
+        try:
+            while state is not grpc.ChannelConnectivity.READY:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise LinkError(
+                        f"cannot reach the cloud at {self.address} "
+                        f"(waited {self.connect_timeout:g} s, --connect-timeout){self._last_failure()}"
+                    )
+                try:
+                    state = states.get(timeout=remaining)
+                except queue.Empty:
+                    continue
+                if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and self.security.tls:
+                    reason = self._last_failure()
+                    if _TLS_FAILURE.search(reason):
+                        raise LinkError(f"TLS with the cloud at {self.address} failed{reason}; {_TLS_HINT}")
+        finally:
+            self._raw.unsubscribe(notify)
+
+    def _last_failure(self) -> str:
+        """``": <why the last connection attempt failed>"``, or ``""`` when the channel has none."""
+        try:
+            self._probe(b"", timeout=_PROBE_SECONDS)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                reason = " ".join((exc.details() or "").split())
+                if not self.security.tls and "Socket closed" in reason:
+                    reason += " (if the cloud serves TLS, give --tls-ca)"
+                return f": {reason}"
+        return ""
 
     def step(self) -> StepCall:
         """Start one training step's stream."""
@@ -194,4 +328,4 @@ class CloudLink:
             except grpc.RpcError:
                 pass  # the cloud reaps idle sessions itself
             self.session = ""
-        self._channel.close()
+        self._raw.close()

@@ -13,12 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_node.engines import LocalEngine, SplitEngine, StepResult
-from edge_node.link import CloudLink
+from edge_node.link import CloudLink, LinkSecurity
 from pipeline.blueprint import Blueprint
 from pipeline.checkpoint import save_json, save_state
 from pipeline.config import Config
 from pipeline.data import DataError, Dataset, as_dataset, load_dataset, mini_batches, training_batches
 from pipeline.optim import learning_rate
+from pipeline.timeline import StepTimeline, write_trace
 from pipeline.traffic import TrafficCounts, TrafficMeter
 
 __all__ = ["EpochReport", "StepReport", "train"]
@@ -106,6 +107,7 @@ class _Run:
     steps_per_epoch: int
     on_step: Callable[[StepReport], None] | None
     on_epoch: Callable[[EpochReport], None] | None
+    tracing: bool = False
     step: int = 0
     val_accuracy: float = math.nan
 
@@ -114,6 +116,9 @@ class _Run:
         self.freeze_events = [{"step": 0, "boundary": self.boundary}] if self.boundary else []
         self.totals: dict[str, float] = dict.fromkeys(_TIMING_KEYS, 0.0)
         self.totals["uplink_activation_fp32_bytes"] = 0
+        self.origin = time.perf_counter()
+        #: Each traced step's timeline and when it began, in seconds since the run began.
+        self.timelines: list[tuple[float, StepTimeline]] = []
 
     def train_epoch(self, epoch: int, data: Dataset) -> None:
         train = self.config.train
@@ -130,6 +135,8 @@ class _Run:
         tick = time.perf_counter()
         result = self.engine.step(self.step, epoch, lr, x, y, epoch_end)
         seconds = time.perf_counter() - tick
+        if self.tracing and result.timeline is not None:
+            self.timelines.append((tick - self.origin, result.timeline))
         line = _step_line(self.step, epoch, lr, self.boundary, seconds, result, self.meter.snapshot() - before)
         for key in self.totals:
             self.totals[key] += line[key]
@@ -164,20 +171,24 @@ def train(
     max_steps: int | None = None,
     edge_name: str = "edge",
     connect_timeout: float = 30.0,
+    security: LinkSecurity | None = None,
     model_factory: Callable[[], nn.Sequential] | None = None,
     data: tuple[Any, Any] | None = None,
     on_step: Callable[[StepReport], None] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
+    trace: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` split with the cloud at ``cloud`` (``HOST:PORT``), or in one process when it is None.
 
-    Quiet: progress goes to ``on_step`` / ``on_epoch`` when given. ``model_factory`` builds
+    Quiet: progress goes to ``on_step`` / ``on_epoch`` when given. ``security`` is how the
+    link checks the cloud and proves this edge (None: clear text to loopback only). ``model_factory`` builds
     the model instead of ``[model] name`` (the cloud must be served with the same);
     ``data`` is ``(train, validation)`` instead of ``[train] dataset``, each anything
     :func:`pipeline.data.as_dataset` takes (a torch ``Dataset`` or an ``(inputs, labels)`` pair). Writes
     ``metrics.jsonl`` as it goes and ``summary.json`` and ``model.pt`` at the end, all in
-    ``run_dir``; returns the summary. Raises :class:`pipeline.config.ConfigError` for a
-    configuration that cannot train, :class:`edge_node.link.LinkError` when the cloud fails,
+    ``run_dir``, and with ``trace`` a Chrome/Perfetto trace of every split step there; returns the summary. Raises :class:`pipeline.config.ConfigError` for a
+    configuration that cannot train, :class:`pipeline.trust.TrustError` for unusable
+    ``security``, :class:`edge_node.link.LinkError` when the cloud fails or refuses,
     :class:`pipeline.data.DataError` for unusable data and :class:`OSError` when the run
     directory cannot be written.
     """
@@ -202,10 +213,11 @@ def train(
         if cloud is None:
             engine = LocalEngine(blueprint)
         else:
-            link = CloudLink(cloud, config, blueprint.model, meter, connect_timeout=connect_timeout)
+            link = CloudLink(cloud, config, blueprint.model, meter, connect_timeout=connect_timeout, security=security)
             engine = SplitEngine(blueprint, link, edge_name, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         try:
-            run = _Run(config, engine, meter, metrics, epochs, total_steps, steps_per_epoch, on_step, on_epoch)
+            run = _Run(config, engine, meter, metrics, epochs, total_steps, steps_per_epoch, on_step, on_epoch,
+                       tracing=trace is not None)
             for epoch in range(epochs):
                 if run.step >= total_steps:
                     break
@@ -215,13 +227,15 @@ def train(
         finally:
             engine.close()
     save_state(state, run_dir / "model.pt")
+    if trace is not None:
+        write_trace(trace, [t for _, t in run.timelines], step_starts=[start for start, _ in run.timelines])
     summary = {
         "mode": "local" if cloud is None else "split",
         "steps": run.step,
         "epochs": epochs,
         "wall_seconds": time.perf_counter() - started,
         "final_val_accuracy": run.val_accuracy,
-        "traffic": meter.snapshot().to_json(),
+        "traffic": meter.snapshot().to_json(by_phase=True),
         "freeze_events": run.freeze_events,
         **{key: round(value, 6) if isinstance(value, float) else value for key, value in run.totals.items()},
         "config": config.to_dict(),

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from edgepipe.link_command import add_link_command
 from edgepipe.plan_command import add_partition_commands
+from edgepipe.token_command import add_token_command
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -117,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     traffic.add_argument("--step", type=int, default=None, help="which step to draw (default: the median-length one)")
     traffic.set_defaults(run=_traffic)
     add_link_command(commands)
+    add_token_command(commands)
     return parser
 
 

@@ -2,17 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
-from edge_node.link import LinkError
+from edge_node.link import LinkError, LinkSecurity
 from edge_node.worker import train
 from edgepipe.arguments import positive
 from edgepipe.process import configure_process
 from edgepipe.progress import TrainingProgress
 from pipeline.config import ConfigError, load_config
 from pipeline.data import DataError
-from pipeline.trust import parse_address
+from pipeline.trust import TrustError, parse_address
 from pipeline.wire import WireError
+
+#: Where the edge token comes from when --token-file is not given.
+TOKEN_ENV = "EDGEPIPE_TOKEN"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a CNN split between this edge and an edgepipe cloud server "
         "(or, with --local, the same training in one process as a reference). "
         "Writes metrics.jsonl, summary.json and model.pt into --run-dir. "
-        "Exit codes: 0 trained, 1 the cloud failed or refused, 2 bad configuration, data or run directory.",
+        "Exit codes: 0 trained, 1 the cloud failed or refused, 2 bad configuration, security flags, data or "
+        "run directory.",
     )
     parser.add_argument("--config", required=True, help="partition configuration file (TOML), the same the cloud uses")
     where = parser.add_mutually_exclusive_group(required=True)
@@ -36,18 +42,68 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--connect-timeout", type=positive(float), default=10.0, metavar="SECONDS",
                         help="how long to wait for the cloud to answer at start (default %(default)g)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (per-epoch lines are still printed)")
+    _add_security_arguments(parser)
     return parser
+
+
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    security = parser.add_argument_group(
+        "security",
+        "TLS is on when --tls-ca, --tls-cert or --tls-key is given. Without TLS the edge talks only to "
+        "a loopback cloud unless --insecure. The token is sent on every call, over TLS or to loopback only.",
+    )
+    security.add_argument("--tls-ca", type=Path, metavar="FILE",
+                          help="CA certificate(s) that signed the cloud's certificate (PEM)")
+    security.add_argument("--tls-server-name", metavar="NAME",
+                          help="name the cloud's certificate must hold when it is not the --cloud host (tunnels)")
+    security.add_argument("--tls-cert", type=Path, metavar="FILE",
+                          help="this edge's client certificate for mutual TLS (PEM)")
+    security.add_argument("--tls-key", type=Path, metavar="FILE",
+                          help="the private key of --tls-cert (PEM, unencrypted)")
+    security.add_argument("--token-file", type=Path, metavar="FILE",
+                          help=f"file holding this edge's token (edgepipe token new); default: ${TOKEN_ENV}")
+    security.add_argument("--insecure", action="store_true",
+                          help="allow clear text to a cloud on another machine (trusted network or tunnel only; "
+                          "never with a token)")
+
+
+def _token(path: Path | None) -> str | None:
+    """The token from ``path``, else from $EDGEPIPE_TOKEN, else None; surrounding whitespace is dropped."""
+    if path is None:
+        return os.environ.get(TOKEN_ENV, "").strip() or None
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise TrustError(f"cannot read the token file {path} (--token-file): {reason}") from None
+    if not token:
+        raise TrustError(f"the token file {path} (--token-file) is empty; put the token edgepipe token new made in it")
+    return token
+
+
+def _security(args: argparse.Namespace) -> LinkSecurity:
+    """The link settings of the flags, checked against --cloud before anything connects."""
+    security = LinkSecurity(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key,
+                            server_name=args.tls_server_name, token=_token(args.token_file), insecure=args.insecure)
+    security.check(args.cloud)
+    return security
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train, exiting 0, or exit non-zero with a one-line reason."""
     parser = _parser()
     args = parser.parse_args(argv)
+    security = None
     if args.cloud is not None:
         try:
             parse_address(args.cloud)
         except ValueError as exc:
             parser.error(f"--cloud: {exc}")
+        try:
+            security = _security(args)
+        except TrustError as exc:
+            print(f"edgepipe-edge: {exc}", file=sys.stderr)
+            return 2
     configure_process(args.threads)
     try:
         config = load_config(args.config)
@@ -60,10 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                 max_steps=args.max_steps,
                 edge_name=args.name,
                 connect_timeout=args.connect_timeout,
+                security=security,
                 on_step=progress.on_step,
                 on_epoch=progress.on_epoch,
             )
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, TrustError) as exc:
         print(f"edgepipe-edge: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -33,10 +33,13 @@ class LaunchError(RuntimeError):
     """A node did not start or ran past its time limit; the message holds the tail of its log."""
 
 
-def cloud_command(config_path: str | Path, *, listen: str = "127.0.0.1:0", threads: int = 1) -> list[str]:
-    """The command line of a cloud server on ``config_path`` (port 0 in ``listen``: a free port)."""
+def cloud_command(
+    config_path: str | Path, *, listen: str = "127.0.0.1:0", threads: int = 1, extra: Sequence[str] = ()
+) -> list[str]:
+    """The command line of a cloud server on ``config_path`` (port 0 in ``listen``: a free port);
+    ``extra`` is appended as is."""
     return [sys.executable, "-m", "edgepipe.cloud_cli", "--config", str(config_path), "--listen", listen,
-            "--threads", str(threads)]
+            "--threads", str(threads), *extra]
 
 
 def edge_command(
@@ -105,15 +108,17 @@ def start_cloud(
     stderr: str | Path | None = None,
     timeout: float = 120.0,
     cwd: str | Path | None = None,
+    extra: Sequence[str] = (),
 ) -> tuple[subprocess.Popen[str], str]:
     """Start a cloud server on a free loopback port; return it and the ``HOST:PORT`` it printed.
 
-    Its stderr goes to the file ``stderr`` (created or truncated), or to this process's stderr
-    when None. A server that has not printed its address within ``timeout`` seconds is killed.
-    Raises :class:`LaunchError` (with the tail of the log) when the server does not start; the
-    caller stops a started server with :func:`stop`.
+    ``extra`` is appended to its command line (see :func:`cloud_command`). Its stderr goes to
+    the file ``stderr`` (created or truncated), or to this process's stderr when None. A server
+    that has not printed its address within ``timeout`` seconds is killed. Raises
+    :class:`LaunchError` (with the tail of the log) when the server does not start; the caller
+    stops a started server with :func:`stop`.
     """
-    cmd = cloud_command(config_path, threads=threads)
+    cmd = cloud_command(config_path, threads=threads, extra=extra)
     if stderr is None:
         cloud = _popen(cmd, stdout=subprocess.PIPE, stderr=None, cwd=cwd)
     else:
