@@ -1,178 +1,265 @@
-"""The gRPC service: frames in, frames out, errors to status codes; sessions live in session.py."""
+"""The gRPC service: who calls, which of its sessions, frames in and out, every problem a status code."""
 from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
-import uuid
 from collections.abc import Callable, Iterator
-from concurrent import futures
+from contextlib import contextmanager
 
 import grpc
 from torch import nn
 
-from cloud_node.session import CloudSession, SessionError
+from cloud_node.capacity import DEFAULT_MAX_SESSIONS, Capacity, StreamGate
+from cloud_node.refusal import Refusal, answering, short
+from cloud_node.server import start_server
+from cloud_node.session import CloudSession, check_run_length
+from cloud_node.session_table import SessionTable
+from cloud_node.streams import CallGone, CallStream, IdleWatch
+from cloud_node.throttle import ThrottledLog
 from pipeline import wire
-from pipeline.codecs import CodecError
 from pipeline.blueprint import Blueprint
+from pipeline.codecs import CodecError
 from pipeline.config import Config
 from pipeline.handshake import describe_differences, fingerprint
+from pipeline.trust import EdgeRegistry, TrustError, caller_identity, is_loopback, parse_address
 from protos import edgepipe_pb2 as pb
 from protos import edgepipe_pb2_grpc as pb_grpc
 
-__all__ = ["CloudServicer", "serve"]
+__all__ = ["DEFAULT_SESSION_IDLE_SECONDS", "CloudServicer", "serve"]
 
 log = logging.getLogger("edgepipe.cloud")
 
+DEFAULT_SESSION_IDLE_SECONDS = 300.0
+#: The longest configuration text Open reads (the agreed configuration is about 2 KiB).
+_CONFIG_JSON_CHARS = 64 << 10
+#: Open names at most this many differing keys: the status detail is short.
+_DIFFERENCES = 4
+#: The same words for every unauthenticated call, whatever it asked for.
+_UNAUTHENTICATED = "not authenticated: this cloud serves registered edges only (a token or a client certificate)"
+
 
 class CloudServicer(pb_grpc.CloudServicer):
-    """Serves any number of edge sessions that run this server's configuration."""
+    """Serves the sessions of the edges in ``registry`` (None: loopback callers, as one identity).
 
-    def __init__(self, blueprint: Blueprint, *, max_sessions: int = 8, session_timeout: float = 1800.0) -> None:
+    Every call first identifies its caller; a session is reachable only by the identity that
+    opened it. Every wait on the peer is bounded by ``link.timeout_seconds``; :meth:`close`
+    ends the helper threads.
+    """
+
+    def __init__(
+        self,
+        blueprint: Blueprint,
+        *,
+        registry: EdgeRegistry | None = None,
+        capacity: Capacity | None = None,
+        session_idle_seconds: float = DEFAULT_SESSION_IDLE_SECONDS,
+    ) -> None:
         self.blueprint = blueprint
         self.config = blueprint.config
         self.fingerprint = fingerprint(blueprint.config, blueprint.model)
         self.message_limit = wire.message_limit(blueprint.config, blueprint.model)
-        self.max_sessions = max_sessions
-        self.session_timeout = session_timeout
-        self._sessions: dict[str, CloudSession] = {}
-        self._lock = threading.Lock()
+        self.registry = registry
+        self.capacity = capacity or Capacity.plan()
+        self.idle_seconds = self.config.link.timeout_seconds
+        self.throttled = ThrottledLog(log)
+        self.sessions = SessionTable(self.capacity.max_sessions, session_idle_seconds)
+        self.watch = IdleWatch()
+        self._gate = StreamGate(self.capacity.stream_slots)
 
-    # -- sessions ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the idle watch and the session reaper."""
+        self.watch.stop()
+        self.sessions.stop()
 
-    def _reap_idle(self) -> None:
-        # A session whose edge vanished would hold memory for ever; drop idle ones.
-        now = time.monotonic()
-        with self._lock:
-            for sid, session in list(self._sessions.items()):
-                if now - session.last_used > self.session_timeout and not session.lock.locked():
-                    log.info("session %s idle for %.0f s: closed", sid, now - session.last_used)
-                    del self._sessions[sid]
+    # -- who calls, and the calls' shared parts -------------------------------------------
 
-    def _session(self, session_id: str, context: grpc.ServicerContext) -> CloudSession:
-        with self._lock:
-            session = self._sessions.get(session_id)
-        if session is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no session {session_id!r} on this cloud; call Open first")
-        return session
+    def identify(self, context: grpc.ServicerContext) -> str:
+        """The caller's identity; an unknown caller is refused with UNAUTHENTICATED, told nothing else."""
+        identity = caller_identity(context, self.registry)
+        if identity is None:
+            self.throttled.warning("unauthenticated", "refused an unauthenticated call from %s", short(context.peer()))
+            raise Refusal(grpc.StatusCode.UNAUTHENTICATED, _UNAUTHENTICATED)
+        return identity
 
-    # -- calls ---------------------------------------------------------------------------
+    def stream(self, requests: Iterator[object], context: grpc.ServicerContext) -> CallStream:
+        """The call's requests under the idle bound."""
+        return CallStream(requests, context, self.watch, self.idle_seconds)
+
+    @contextmanager
+    def _stream_slot(self, identity: str) -> Iterator[None]:
+        with self._gate.slot(identity, self.sessions.owned(identity)):
+            yield
+
+    def _note_gone(self, gone: CallGone, method: str) -> None:
+        if gone.idle:
+            self.throttled.warning(
+                "idle", "cancelled a %s call whose peer sent nothing for %g s (link.timeout_seconds)",
+                method, self.idle_seconds,
+            )
+
+    def _differences(self, config_json: str) -> str:
+        if len(config_json) > _CONFIG_JSON_CHARS:
+            return f"the edge's configuration text is {len(config_json)} characters, more than the cloud reads"
+        try:
+            edge = json.loads(config_json)
+            if isinstance(edge, dict):
+                return describe_differences(edge, self.config.agreed(), limit=_DIFFERENCES)
+        except (ValueError, RecursionError):
+            pass  # hostile or broken text: say so below, never fail the call on it
+        return "the edge's configuration text is not a readable configuration"
+
+    # -- the calls -------------------------------------------------------------------------
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenReply:
-        if request.fingerprint != self.fingerprint:
-            try:
-                edge_config = json.loads(request.config_json)
-            except ValueError:
-                edge_config = {}
-            differences = describe_differences(edge_config, self.config.agreed())
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"edge and cloud run different configurations: {differences}",
-            )
-        self._reap_idle()
-        with self._lock:
-            if len(self._sessions) >= self.max_sessions:
-                context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"this cloud already serves {self.max_sessions} sessions (--max-sessions)",
+        """Handshake: same configuration, a run length; a new session for the caller."""
+        with answering(context):
+            identity = self.identify(context)
+            if request.fingerprint != self.fingerprint:
+                raise Refusal(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"edge and cloud run different configurations: {self._differences(request.config_json)}",
                 )
-        session = CloudSession(uuid.uuid4().hex, self.blueprint)
-        with self._lock:
-            self._sessions[session.id] = session
-        log.info("session %s opened for edge %r", session.id, request.edge_name or "?")
-        return pb.OpenReply(session=session.id, decision=wire.decision_to_message(session.decision))
+            total, per_epoch = request.total_steps, request.steps_per_epoch
+            check_run_length(total, per_epoch)
+            session = self.sessions.open(
+                identity,
+                lambda sid: CloudSession(sid, self.blueprint, owner=identity, total_steps=total, steps_per_epoch=per_epoch),
+            )
+            log.info("session %s opened for %s (edge name %s)", session.id, identity, short(request.edge_name))
+            return pb.OpenReply(session=session.id, decision=wire.decision_to_message(session.decision))
 
     def Step(self, request_iterator: Iterator[pb.StepFrame], context: grpc.ServicerContext) -> Iterator[pb.StepFrame]:
-        first = next(request_iterator, None)
-        if first is None:
-            return
-        session = self._session(first.session, context)
-        # A short wait covers a previous call of this session that gRPC cancelled and whose
-        # handler is still unwinding; a genuinely concurrent step is refused.
-        if not session.lock.acquire(timeout=5.0):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"session {session.id} is already in a step")
+        """One training step's frames."""
+        with answering(context):
+            identity = self.identify(context)
+            with self._stream_slot(identity):
+                stream = self.stream(request_iterator, context)
+                try:
+                    first = stream.next()
+                    if first is None:
+                        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a Step call needs frames, a begin frame first")
+                    session = self.sessions.get(first.session, identity)
+                    with session.held():
+                        yield from self._step(session, first, stream)
+                except CallGone as gone:
+                    self._note_gone(gone, "Step")
+
+    def _step(self, session: CloudSession, first: pb.StepFrame, stream: CallStream) -> Iterator[pb.StepFrame]:
+        frame = first
         try:
-            frame = first
             while frame is not None:
                 if frame.session != session.id:
-                    raise wire.WireError(f"frame of session {frame.session!r} on the stream of {session.id!r}")
-                yield from session.handle(frame)
-                frame = next(request_iterator, None)
-            if session.in_step:
-                session.abort_step()
-                log.warning("session %s: stream closed inside a step; step aborted", session.id)
+                    raise wire.WireError(f"a frame of session {short(frame.session)} on this session's stream")
+                for reply in session.handle(frame):
+                    with stream.sending():
+                        yield reply
+                frame = stream.next()
         except (wire.WireError, CodecError) as exc:
             session.abort_step()
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except SessionError as exc:
-            session.abort_step()
-            context.abort(exc.code, str(exc))
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         except BaseException:
-            # Cancelled streams (GeneratorExit) and bugs alike leave the session as before the step.
+            # Refusals, cancelled or idle streams (GeneratorExit, CallGone) and bugs alike leave
+            # the session as before the step.
             session.abort_step()
             raise
-        finally:
-            session.lock.release()
+        if session.in_step:
+            session.abort_step()
+            raise Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the stream ended inside step {session.next_step}, before its end frame: the step is aborted",
+            )
 
     def Evaluate(self, request_iterator: Iterator[pb.EvalFrame], context: grpc.ServicerContext) -> Iterator[pb.EvalFrame]:
-        session = None
-        for frame in request_iterator:
-            if session is None:
-                session = self._session(frame.session, context)
-            elif frame.session != session.id:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "one evaluation stream serves one session")
-            try:
-                yield session.evaluate(frame)
-            except (wire.WireError, CodecError) as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        """Forward-only passes of evaluation batches, all of one session."""
+        with answering(context):
+            identity = self.identify(context)
+            with self._stream_slot(identity):
+                stream = self.stream(request_iterator, context)
+                try:
+                    frame = stream.next()
+                    if frame is None:
+                        return
+                    session = self.sessions.get(frame.session, identity)
+                    with session.evaluation():
+                        while frame is not None:
+                            if frame.session != session.id:
+                                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "one evaluation stream serves one session")
+                            reply = self._evaluate(session, frame)
+                            with stream.sending():
+                                yield reply
+                            frame = stream.next()
+                except CallGone as gone:
+                    self._note_gone(gone, "Evaluate")
+
+    @staticmethod
+    def _evaluate(session: CloudSession, frame: pb.EvalFrame) -> pb.EvalFrame:
+        try:
+            with session.held():
+                return session.evaluate(frame)
+        except (wire.WireError, CodecError) as exc:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
     def Weights(self, request: pb.SessionRef, context: grpc.ServicerContext) -> Iterator[pb.NamedTensor]:
-        session = self._session(request.session, context)
-        yield from session.weights()
+        """The caller's session's trained middle, one state-dict entry per message."""
+        with answering(context):
+            identity = self.identify(context)
+            with self._stream_slot(identity):
+                session = self.sessions.get(request.session, identity)
+                with session.held():
+                    entries = list(session.weights())
+                for entry in entries:
+                    with self.watch.waiting(context, self.idle_seconds):
+                        yield entry
 
     def Close(self, request: pb.SessionRef, context: grpc.ServicerContext) -> pb.CloseReply:
-        with self._lock:
-            session = self._sessions.pop(request.session, None)
-        if session is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no session {request.session!r} on this cloud")
-        log.info("session %s closed after %d steps", session.id, session.next_step)
-        return pb.CloseReply()
+        """End the caller's session and free its memory."""
+        with answering(context):
+            identity = self.identify(context)
+            session = self.sessions.close(request.session, identity)
+            log.info("session %s closed after %d steps", session.id, session.next_step)
+            return pb.CloseReply()
+
+
+def _check_listen(listen: str, secure: bool, allow_insecure: bool) -> None:
+    host, _ = parse_address(listen)
+    if not secure and not allow_insecure and not is_loopback(host):
+        raise TrustError(
+            f"refusing to serve {listen} in clear text: give --tls-cert and --tls-key, "
+            "or --insecure inside a trusted network or tunnel"
+        )
 
 
 def serve(
     config: Config,
     listen: str,
     *,
-    max_sessions: int = 8,
-    workers: int = 16,
+    credentials: grpc.ServerCredentials | None = None,
+    edges: EdgeRegistry | None = None,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
+    workers: int | None = None,
+    session_idle_seconds: float = DEFAULT_SESSION_IDLE_SECONDS,
+    allow_insecure: bool = False,
     model_factory: Callable[[], nn.Sequential] | None = None,
 ) -> tuple[grpc.Server, int, CloudServicer]:
     """Start a server for ``config`` on ``listen`` (``HOST:PORT``, port 0 picks one).
 
-    ``model_factory`` builds the model instead of ``[model] name`` (the edges must build the
-    same). Returns the started server, the bound port and the servicer. Raises
-    :class:`pipeline.config.ConfigError` for a configuration that cannot train and
-    :class:`OSError` when the address cannot be bound (in use, or not this machine's).
+    ``credentials`` (pipeline.trust.server_credentials) turn TLS on; without them only a
+    loopback address is served unless ``allow_insecure``. ``edges`` are the edges let in
+    (None: loopback callers only). ``workers`` None sizes the thread pool from
+    ``max_sessions``. ``model_factory`` builds the model instead of ``[model] name`` (the
+    edges must build the same). Returns the started server, the bound port and the servicer.
+    Raises :class:`pipeline.config.ConfigError` for a configuration that cannot train,
+    :class:`pipeline.trust.TrustError` for clear text to the network, ValueError for too few
+    workers and :class:`OSError` when the address cannot be bound.
     """
-    servicer = CloudServicer(Blueprint(config, model_factory), max_sessions=max_sessions)
-    limit = servicer.message_limit
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edgepipe-cloud"),
-        options=[
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_receive_message_length", limit),
-            # Without this a second server on the same port "listens" too and takes half the edges.
-            ("grpc.so_reuseport", 0),
-        ],
-        maximum_concurrent_rpcs=workers,
+    _check_listen(listen, credentials is not None, allow_insecure)
+    capacity = Capacity.plan(max_sessions, workers)
+    servicer = CloudServicer(
+        Blueprint(config, model_factory), registry=edges, capacity=capacity, session_idle_seconds=session_idle_seconds
     )
-    pb_grpc.add_CloudServicer_to_server(servicer, server)
     try:
-        port = server.add_insecure_port(listen)
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        raise OSError(f"cannot listen on {listen}: the port is in use or the address is not this machine's")
-    server.start()
+        server, port = start_server(servicer, listen, credentials)
+    except OSError:
+        servicer.close()
+        raise
     return server, port, servicer

@@ -1,35 +1,49 @@
-"""One edge's session on the cloud: its middle stage, optimizer and the skip controller's decisions."""
+"""One edge's session on the cloud: its middle stage, optimizer, the run's schedule and the skip decisions."""
 from __future__ import annotations
 
 import copy
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import torch
 import torch.nn.functional as F
 
+from cloud_node.refusal import Refusal
 from pipeline import wire
 from pipeline.blueprint import Blueprint
+from pipeline.optim import learning_rate
 from pipeline.partition import split
-from pipeline.skip import StepStats
+from pipeline.skip import LayerStat, StepStats
 from pipeline.trainer import StageTrainer
 from protos import edgepipe_pb2 as pb
 
-__all__ = ["CloudSession", "SessionError"]
+__all__ = ["CloudSession", "check_run_length"]
+
+#: Step and epoch numbers travel as int64 and int32.
+_MAX_STEPS = 2**31 - 1
+#: How long a call waits for the session's previous call (cancelled, still unwinding) to let go.
+_LOCK_SECONDS = 5.0
 
 
-class SessionError(Exception):
-    """A request the session cannot serve; carries the gRPC status to answer with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+def _out_of_order(message: str) -> Refusal:
+    return Refusal(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
-def _out_of_order(message: str) -> SessionError:
-    return SessionError(grpc.StatusCode.FAILED_PRECONDITION, message)
+def check_run_length(total_steps: int, steps_per_epoch: int) -> None:
+    """Refuse a handshake whose run length is missing or impossible (INVALID_ARGUMENT).
+
+    Nothing more can be checked against ``[train] epochs`` and ``max_steps``: the edge's
+    ``--epochs`` and ``--max-steps`` override them, and only the edge knows its dataset's size.
+    """
+    for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
+        if not 1 <= value <= _MAX_STEPS:
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"OpenRequest.{name} is {value}; it must lie in 1..{_MAX_STEPS} (is the edge older than this cloud?)",
+            )
 
 
 class CloudSession:
@@ -38,10 +52,17 @@ class CloudSession:
     A step arrives as frames: ``begin``, then activations (and, when the edge holds a tail,
     gradients) per micro-batch, then ``end``.  The optimizer steps only at ``end`` after every
     micro-batch completed; anything else aborts the step and leaves the session as it was.
+    The session belongs to ``owner``, and the handshake fixed the run's length: every step's
+    learning rate and epoch follow from it, so the edge's begin frame must agree exactly.
     """
 
-    def __init__(self, session_id: str, blueprint: Blueprint) -> None:
+    def __init__(
+        self, session_id: str, blueprint: Blueprint, *, owner: str, total_steps: int, steps_per_epoch: int
+    ) -> None:
         self.id = session_id
+        self.owner = owner
+        self.total_steps = total_steps
+        self.steps_per_epoch = steps_per_epoch
         self.config = config = blueprint.config
         # Every session trains its own copy of the untrained model the blueprint built.
         model = copy.deepcopy(blueprint.model)
@@ -54,10 +75,17 @@ class CloudSession:
         self.policy = blueprint.new_policy()
         self.loss_on_cloud = config.partition.edge_tail == 0
         self.max_batch = config.micro_batch_size
+        # torch.chunk's split of a mini-batch, as the edge makes it: full micro-batches, the last one shorter.
+        self.micro_size = -(-config.train.batch_size // config.partition.chunks)
+        self.chunks = -(-config.train.batch_size // self.micro_size)
+        edge_layers = [*range(self.cuts.edge_head), *range(self.cuts.middle_stop, self.num_layers)]
+        self.edge_layers = frozenset(edge_layers)
         self.next_step = 0
         self.decision = self.policy.initial()
         self.trainer.apply(self.decision)
         self.lock = threading.Lock()
+        self._claims = threading.Lock()
+        self._evaluating = False
         self.last_used = time.monotonic()
         self.clock = wire.CodecClock()
         # Stochastic rounding draws from its own seeded generator: runs repeat exactly.
@@ -122,16 +150,27 @@ class CloudSession:
             )
         if begin.boundary != self.decision.boundary:
             raise _out_of_order(f"the edge applies boundary {begin.boundary}, the cloud decided {self.decision.boundary}")
-        if not 1 <= begin.chunks <= self.config.partition.chunks or begin.samples < begin.chunks:
-            raise wire.WireError(
-                f"begin frame has {begin.chunks} micro-batches for {begin.samples} samples; "
-                f"partition.chunks is {self.config.partition.chunks}"
-            )
-        if not begin.lr > 0:
-            raise wire.WireError(f"learning rate must be positive, got {begin.lr}")
+        self._check_begin(frame.step, begin)
         self.trainer.begin(begin.lr)
         self.clock.take()
         self._begin = begin
+
+    def _check_begin(self, step: int, begin: pb.StepBegin) -> None:
+        # Each value follows from the configuration and the run length agreed at Open; one that
+        # differs is a broken or hostile edge (an lr of inf or NaN would poison every weight).
+        if step >= self.total_steps:
+            raise wire.WireError(f"step {step} is past the run's {self.total_steps} steps")
+        train = self.config.train
+        expected = {
+            "lr": learning_rate(train, step, self.total_steps),
+            "samples": train.batch_size,
+            "epoch": step // self.steps_per_epoch,
+            "chunks": self.chunks,
+        }
+        for field, value in expected.items():
+            got = getattr(begin, field)
+            if got != value:
+                raise wire.WireError(f"begin.{field} is {got!r}; step {step} of this run has {field} {value!r}")
 
     def _micro_batch(self, frame: pb.StepFrame, seen: set[int], what: str) -> int:
         index = frame.micro_batch
@@ -141,12 +180,19 @@ class CloudSession:
             raise wire.WireError(f"second {what} for micro-batch {index}")
         return index
 
+    def _check_size(self, tensor: torch.Tensor, index: int, what: str) -> None:
+        # The loss is a mean over the whole mini-batch: micro-batches must add up to it exactly.
+        expected = min(self.micro_size, self.config.train.batch_size - index * self.micro_size)
+        if len(tensor) != expected:
+            raise wire.WireError(f"{what} for micro-batch {index} carries {len(tensor)} samples; it holds {expected}")
+
     def _on_activation(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
         index = self._micro_batch(frame, self._activations, "activation")
         x = wire.decode_tensor(
             frame.activation, sample_shape=self.uplink_shape, max_batch=self.max_batch,
             what="uplink activation", clock=self.clock,
         )
+        self._check_size(x, index, "uplink activation")
         self._activations.add(index)
         if self.loss_on_cloud:
             labels = wire.labels_from_frame(frame, batch=len(x), num_classes=self.config.model.num_classes)
@@ -181,6 +227,7 @@ class CloudSession:
             frame.gradient, sample_shape=self.downlink_shape, max_batch=self.max_batch,
             what="gradient", clock=self.clock,
         )
+        self._check_size(grad_out, index, "gradient")
         self._gradients.add(index)
         start = time.perf_counter()
         grad = self.stage.backward(index, grad_out)
@@ -204,7 +251,7 @@ class CloudSession:
                 f"step {frame.step} ended after {len(self._activations)}/{chunks} activations and "
                 f"{len(self._gradients)}/{expected_gradients} gradients"
             )
-        edge_stats = wire.stats_from_message(frame.end.stats, num_layers=self.num_layers)
+        edge_stats = self._edge_stats(frame)
         own = self.trainer.commit(epoch_end=frame.end.epoch_end)
         stats = StepStats(
             step=frame.step,
@@ -227,12 +274,47 @@ class CloudSession:
         self._reset_step()
         return pb.StepFrame(session=self.id, step=frame.step, done=done)
 
+    def _edge_stats(self, frame: pb.StepFrame) -> list[LayerStat]:
+        epoch_end = (frame.step + 1) % self.steps_per_epoch == 0 or frame.step == self.total_steps - 1
+        if frame.end.epoch_end != epoch_end:
+            raise wire.WireError(f"end.epoch_end is {frame.end.epoch_end}; step {frame.step} of this run has {epoch_end}")
+        stats = wire.stats_from_message(frame.end.stats, num_layers=self.num_layers)
+        indices = [s.index for s in stats]
+        if not set(indices) <= self.edge_layers or len(set(indices)) != len(indices):
+            raise wire.WireError("end.stats must name each of the edge's layers at most once, and no cloud layer")
+        if any((s.epoch_update_norm is not None) != epoch_end for s in stats):
+            raise wire.WireError("end.stats carry an epoch update norm exactly on an epoch's last step")
+        return stats
+
     @property
     def in_step(self) -> bool:
         """Whether a step has begun and not ended."""
         return self._begin is not None
 
     # -- evaluation and weights ----------------------------------------------------------
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the session for one call; a call that overlaps a step beyond a short wait is refused."""
+        if not self.lock.acquire(timeout=_LOCK_SECONDS):
+            raise _out_of_order(f"session {self.id} is in a step (one call at a time per session)")
+        try:
+            yield
+        finally:
+            self.last_used = time.monotonic()
+            self.lock.release()
+
+    @contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Mark the one evaluation stream this session may have open."""
+        with self._claims:
+            if self._evaluating:
+                raise _out_of_order(f"session {self.id} already has an evaluation stream")
+            self._evaluating = True
+        try:
+            yield
+        finally:
+            self._evaluating = False
 
     def evaluate(self, frame: pb.EvalFrame) -> pb.EvalFrame:
         """Forward-only pass of one evaluation batch."""

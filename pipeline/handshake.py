@@ -23,21 +23,49 @@ def fingerprint(config: Config, model: nn.Sequential) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
+#: Deeper than any configuration nests: below it a value is compared whole, so that hostile
+#: JSON cannot make the comparison recurse without bound.
+_MAX_DEPTH = 8
+#: How much of one key or value a difference shows; the edge's side is the edge's own text.
+_SHOWN_CHARS = 40
+_UNSET = object()
+
+
+def _flatten(data: Any, prefix: str = "", depth: int = 0) -> dict[str, Any]:
+    if isinstance(data, dict) and depth < _MAX_DEPTH:
         flat: dict[str, Any] = {}
         for key, value in data.items():
-            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+            flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key), depth + 1))
         return flat
     return {prefix: data}
 
 
+def _key(key: str) -> str:
+    if len(key) <= _SHOWN_CHARS and key.isprintable():
+        return key
+    return repr(key[:_SHOWN_CHARS]) + "..."
+
+
+def _value(value: Any) -> str:
+    if value is _UNSET:
+        return "<unset>"
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
+
+
 def describe_differences(edge: dict[str, Any], cloud: dict[str, Any], limit: int = 8) -> str:
-    """Name the keys whose values differ, e.g. ``partition.edge_head: edge 3, cloud 2``."""
+    """Name the keys whose values differ, e.g. ``partition.edge_head: edge 3, cloud 2``.
+
+    At most ``limit`` keys are named, and each key and value is cut to a few dozen characters:
+    the edge's side comes from the network.
+    """
     ours, theirs = _flatten(edge), _flatten(cloud)
-    keys = sorted(set(ours) | set(theirs))
-    diffs = [f"{k}: edge {ours.get(k, '<unset>')!r}, cloud {theirs.get(k, '<unset>')!r}" for k in keys if ours.get(k) != theirs.get(k)]
-    if not diffs:
+    differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k, _UNSET) != theirs.get(k, _UNSET))
+    if not differing:
         return "the configurations agree but the model architectures differ (different code for the same model name?)"
-    more = f" (and {len(diffs) - limit} more)" if len(diffs) > limit else ""
-    return "; ".join(diffs[:limit]) + more
+    diffs = [
+        f"{_key(k)}: edge {_value(ours.get(k, _UNSET))}, cloud {_value(theirs.get(k, _UNSET))}"
+        for k in differing[:limit]
+    ]
+    more = f" (and {len(differing) - limit} more)" if len(differing) > limit else ""
+    return "; ".join(diffs) + more

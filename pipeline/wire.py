@@ -119,6 +119,10 @@ def decode_tensor(
         tensor = codecs.decode(encoded)
     except codecs.CodecError as exc:
         raise WireError(f"{what}: {exc}") from None
+    # One NaN or inf would spread through every weight it reaches at the next optimizer step;
+    # finite scales alone do not rule it out (fp32 and fp16 payloads, scale x 127 overflowing).
+    if not bool(torch.isfinite(tensor).all()):
+        raise WireError(f"{what} holds NaN or infinite values; every element must be finite")
     if clock is not None:
         clock.decode_seconds += time.perf_counter() - start
     return tensor
@@ -214,15 +218,21 @@ def decision_from_message(message: pb.Decision) -> Decision:
     return Decision(message.boundary, {f.layer: f.factor for f in message.lr_factors})
 
 
-#: Room for everything in a frame besides the tensor payload (shape, scales, labels, ids).
+#: Room for everything in a frame besides the tensor payload (shape, scales, labels, ids), and
+#: for the handshake, whose configuration text the cloud bounds to 64 KiB.
 _FRAME_OVERHEAD = 64 << 10
+#: The limit exceeds the largest legal message by this fraction of it: a little room for
+#: protobuf framing and future fields, far from the configured bound.
+_HEADROOM_FRACTION = 4
 
 
 def message_limit(config: Config, model: nn.Sequential) -> int:
-    """The gRPC message size limit both ends set: ``link.max_message_mib``, checked against need.
+    """The gRPC message size limit both ends set: what the configuration needs, plus headroom.
 
-    The largest message is an fp32 micro-batch at a cut or the largest weight tensor; a
-    configuration that needs more than the bound is refused with what to change.
+    The largest message is an fp32 micro-batch at a cut or the largest weight tensor; the limit
+    is that plus a quarter, never more than ``link.max_message_mib``, so that a peer cannot make
+    the other end receive (and allocate) more than a legal frame. A configuration that needs
+    more than the bound is refused with what to change.
     """
     cuts = make_cuts(len(model), config.partition.edge_head, config.partition.edge_tail)
     uplink, downlink = cut_shapes(model, config.model.input_shape, cuts)
@@ -232,10 +242,10 @@ def message_limit(config: Config, model: nn.Sequential) -> int:
     # Beside the payload: labels (at most 10 bytes a varint), scales and zero points (8 bytes a channel).
     frame = per_sample * batch + 10 * batch + 8 * max(uplink[0], downlink[0])
     needed = max(frame, largest_weight) + _FRAME_OVERHEAD
-    limit = config.link.max_message_mib << 20
-    if needed > limit:
+    bound = config.link.max_message_mib << 20
+    if needed > bound:
         raise ConfigError(
             f"link.max_message_mib: a message needs up to {needed / 2**20:.2f} MiB but the bound is "
             f"{config.link.max_message_mib} MiB; raise link.max_message_mib or partition.chunks"
         )
-    return limit
+    return min(bound, needed + needed // _HEADROOM_FRACTION)

@@ -1,20 +1,23 @@
-"""Shared fixtures: configurations and real gRPC cloud servers on 127.0.0.1."""
+"""Shared fixtures: configurations, real gRPC cloud servers on 127.0.0.1, certificates and edge tokens."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import trustme
 
-from concurrent import futures
-
-import grpc
-
+from cloud_node.server import start_server
 from cloud_node.servicer import CloudServicer, serve
-from protos import edgepipe_pb2_grpc as pb_grpc
+from pipeline import trust
 from pipeline.blueprint import Blueprint
 from pipeline.config import Config, parse_config
+
+#: The name in the test cloud's certificate; clients dial 127.0.0.1 and check this name instead.
+CLOUD_NAME = "cloud.test"
 
 
 #: The same small configuration as a TOML file, for command-line tests (``{edge_head}`` to fill).
@@ -74,6 +77,77 @@ def cloud() -> Iterator[Callable[[Config], str]]:
         server.stop(None)
 
 
+@pytest.fixture
+def cloud_server() -> Iterator[Callable[..., tuple[str, CloudServicer]]]:
+    """Like ``cloud``, with serve()'s keywords (credentials, edges, max_sessions, ...); address and servicer."""
+    servers = []
+
+    def start(config: Config, **options: Any) -> tuple[str, CloudServicer]:
+        server, port, servicer = serve(config, "127.0.0.1:0", **options)
+        servers.append(server)
+        return f"127.0.0.1:{port}", servicer
+
+    yield start
+    for server in servers:
+        server.stop(None)
+
+
+@dataclass(frozen=True)
+class CloudPki:
+    """A CA with the cloud's certificate and an edge's client certificate (CN=camera-2), and a stranger CA
+    with a client certificate of the same name."""
+
+    ca: Path
+    cloud_cert: Path
+    cloud_key: Path
+    edge_cert: Path
+    edge_key: Path
+    stranger_ca: Path
+    stranger_cert: Path
+    stranger_key: Path
+
+    def server_credentials(self, mutual: bool = False) -> Any:
+        """TLS for the cloud; ``mutual``: edges must show a certificate of ``ca``."""
+        return trust.server_credentials(self.cloud_cert, self.cloud_key, self.ca if mutual else None)
+
+
+@pytest.fixture(scope="session")
+def cloud_pki(tmp_path_factory: pytest.TempPathFactory) -> CloudPki:
+    directory = tmp_path_factory.mktemp("cloud-pki")
+    ca, stranger = trustme.CA(), trustme.CA()
+    paths = CloudPki(*(directory / name for name in (
+        "ca.crt", "cloud.crt", "cloud.key", "edge.crt", "edge.key", "stranger-ca.crt", "stranger.crt", "stranger.key",
+    )))
+    ca.cert_pem.write_to_path(str(paths.ca))
+    stranger.cert_pem.write_to_path(str(paths.stranger_ca))
+    for issuer, name, cert_path, key_path in (
+        (ca, CLOUD_NAME, paths.cloud_cert, paths.cloud_key),
+        (ca, "camera-2.test", paths.edge_cert, paths.edge_key),
+        (stranger, "camera-2.test", paths.stranger_cert, paths.stranger_key),
+    ):
+        issued = issuer.issue_cert(name, common_name=name.removesuffix(".test"))
+        issued.cert_chain_pems[0].write_to_path(str(cert_path))
+        issued.private_key_pem.write_to_path(str(key_path))
+    return paths
+
+
+@dataclass(frozen=True)
+class EdgeTokens:
+    """Fresh tokens of the edges ``alice``, ``bob`` and ``mallory``, and the edges file that admits them
+    (and ``camera-2`` by its certificate)."""
+
+    tokens: dict[str, str]
+    registry: trust.EdgeRegistry
+
+
+@pytest.fixture(scope="session")
+def edge_tokens() -> EdgeTokens:
+    tokens = {name: trust.new_token() for name in ("alice", "bob", "mallory")}
+    entries = [{"name": name, "token_sha256": trust.token_hash(token)} for name, token in tokens.items()]
+    entries.append({"name": "camera-2", "cert_subject": "CN=camera-2"})
+    return EdgeTokens(tokens, trust.parse_edges({"edge": entries}))
+
+
 class RecordingServicer(CloudServicer):
     """The real servicer, keeping every step frame it receives and noting each it sends."""
 
@@ -100,10 +174,7 @@ def recording_cloud() -> Iterator[Callable[[Config], tuple[str, RecordingService
 
     def start(config: Config) -> tuple[str, RecordingServicer]:
         servicer = RecordingServicer(config)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        pb_grpc.add_CloudServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
+        server, port = start_server(servicer, "127.0.0.1:0")
         servers.append(server)
         return f"127.0.0.1:{port}", servicer
 

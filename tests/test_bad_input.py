@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -16,117 +16,11 @@ from edge_node.link import LinkError
 from edge_node.worker import train
 from pipeline import wire
 from pipeline.config import Config, ConfigError
-from pipeline.handshake import fingerprint
-from pipeline.models import build_configured
-from pipeline.partition import cut_shapes, make_cuts
 from protos import edgepipe_pb2 as pb
-from protos import edgepipe_pb2_grpc as pb_grpc
 from tests.conftest import SMALL_TOML, make_config
-
-_MIB = 1 << 20
-_TIMEOUT = 30.0
-# make_config(): tinycnn on [1, 8, 8], edge_head 1, edge_tail 1, 32 samples in 4 micro-batches of 8.
-_SAMPLES, _CHUNKS = 32, 4
-_MICRO = _SAMPLES // _CHUNKS
-
-
-# -- a raw client ----------------------------------------------------------------------------
-
-
-def _model(config: Config) -> torch.nn.Sequential:
-    return build_configured(config.model)
-
-
-def _shapes(config: Config) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    model = _model(config)
-    cuts = make_cuts(len(model), config.partition.edge_head, config.partition.edge_tail)
-    return cut_shapes(model, config.model.input_shape, cuts)
-
-
-class RawClient:
-    """A client that builds every frame itself, so it can build wrong ones."""
-
-    def __init__(self, address: str, config: Config) -> None:
-        self.config = config
-        self.channel = grpc.insecure_channel(
-            address,
-            options=[("grpc.max_send_message_length", 64 * _MIB), ("grpc.max_receive_message_length", 64 * _MIB)],
-        )
-        self.stub = pb_grpc.CloudStub(self.channel)
-        self.uplink, self.downlink = _shapes(config)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def open(self) -> str:
-        request = pb.OpenRequest(
-            fingerprint=fingerprint(self.config, _model(self.config)),
-            config_json=json.dumps(self.config.agreed()),
-            edge_name="raw-test-client",
-        )
-        reply = self.stub.Open(request, timeout=_TIMEOUT)
-        assert reply.session
-        return reply.session
-
-    def step(self, frames: Iterable[pb.StepFrame]) -> list[pb.StepFrame]:
-        return list(self.stub.Step(iter(list(frames)), timeout=_TIMEOUT))
-
-    def weights(self, session: str) -> dict[str, bytes]:
-        entries = list(self.stub.Weights(pb.SessionRef(session=session), timeout=_TIMEOUT))
-        assert entries
-        return {e.name: bytes(e.tensor.data) for e in entries}
-
-    # -- frames --------------------------------------------------------------------------
-
-    def activation(self, n: int = _MICRO, seed: int = 0, codec: str = "fp32") -> pb.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        return wire.encode_tensor(torch.randn((n, *self.uplink), generator=g), codec, "activation")
-
-    def gradient(self, n: int = _MICRO, seed: int = 0) -> pb.Tensor:
-        g = torch.Generator().manual_seed(10_000 + seed)
-        return wire.encode_tensor(torch.randn((n, *self.downlink), generator=g) * 1e-2, "fp32", "gradient")
-
-
-def begin(session: str, step: int = 0) -> pb.StepFrame:
-    return pb.StepFrame(
-        session=session,
-        step=step,
-        begin=pb.StepBegin(epoch=0, lr=0.05, chunks=_CHUNKS, boundary=0, samples=_SAMPLES),
-    )
-
-
-def good_step_frames(client: RawClient, session: str, step: int = 0, seed: int = 0) -> list[pb.StepFrame]:
-    """A complete, correct step (edge_tail > 0, head trains): activations, gradients, end."""
-    frames = [begin(session, step)]
-    for i in range(_CHUNKS):
-        frames.append(pb.StepFrame(session=session, step=step, micro_batch=i, activation=client.activation(seed=seed + i)))
-    for i in reversed(range(_CHUNKS)):
-        frames.append(pb.StepFrame(session=session, step=step, micro_batch=i, gradient=client.gradient(seed=seed + i)))
-    frames.append(pb.StepFrame(session=session, step=step, end=pb.StepEnd(epoch_end=False)))
-    return frames
-
-
-def run_good_step(client: RawClient, session: str, step: int = 0, seed: int = 0) -> None:
-    replies = client.step(good_step_frames(client, session, step, seed))
-    kinds = [r.WhichOneof("body") for r in replies]
-    # The cloud answers every activation with its output and every gradient with dL/da
-    # (the head still trains at boundary 0), and ends with done.
-    assert kinds.count("activation") == _CHUNKS
-    assert kinds.count("gradient") == _CHUNKS
-    assert kinds[-1] == "done"
-    assert all(r.step == step and r.session == session for r in replies)
-    for r in replies:
-        if r.WhichOneof("body") == "activation":
-            assert list(r.activation.shape) == [_MICRO, *client.downlink]
-        elif r.WhichOneof("body") == "gradient":
-            assert list(r.gradient.shape) == [_MICRO, *client.uplink]
-
-
-def expect_status(call: Callable[[], object], code: grpc.StatusCode) -> str:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    assert info.value.code() == code, f"expected {code.name}, got {info.value.code().name}: {info.value.details()}"
-    return info.value.details()
+from tests.raw_client import (
+    CHUNKS, MIB, MICRO, TIMEOUT, RawClient, begin, cut_shapes_of, expect_status, model_of, run_good_step,
+)
 
 
 @pytest.fixture
@@ -187,7 +81,7 @@ def _wrong_shape(client: RawClient) -> pb.StepFrame:
     bad = pb.Tensor()
     bad.CopyFrom(good)
     del bad.shape[:]
-    bad.shape.extend([_MICRO, client.uplink[0] - 1, *client.uplink[1:]])
+    bad.shape.extend([MICRO, client.uplink[0] - 1, *client.uplink[1:]])
     return pb.StepFrame(micro_batch=0, activation=bad)
 
 
@@ -215,26 +109,26 @@ def _nan_scale(client: RawClient) -> pb.StepFrame:
 
 def _too_many_samples(client: RawClient) -> pb.StepFrame:
     # A consistent tensor (bytes match the shape) with one sample more than a micro-batch holds.
-    return pb.StepFrame(micro_batch=0, activation=client.activation(n=_MICRO + 1))
+    return pb.StepFrame(micro_batch=0, activation=client.activation(n=MICRO + 1))
 
 
 def _labels_with_tail(client: RawClient) -> pb.StepFrame:
-    return pb.StepFrame(micro_batch=0, activation=client.activation(), labels=[1] * _MICRO)
+    return pb.StepFrame(micro_batch=0, activation=client.activation(), labels=[1] * MICRO)
 
 
 def _micro_batch_out_of_range(client: RawClient) -> pb.StepFrame:
-    return pb.StepFrame(micro_batch=_CHUNKS, activation=client.activation())
+    return pb.StepFrame(micro_batch=CHUNKS, activation=client.activation())
 
 
 # (frame builder, words the status details must contain)
 MALFORMED = {
     "wrong-shape": (_wrong_shape, ["shape", "[8, 7, 8, 8]", "[n, 8, 8, 8]"]),
-    "wrong-byte-length": (_wrong_length, ["bytes", str(_MICRO * 8 * 8 * 8 * 4 - 4), str(_MICRO * 8 * 8 * 8 * 4)]),
+    "wrong-byte-length": (_wrong_length, ["bytes", str(MICRO * 8 * 8 * 8 * 4 - 4), str(MICRO * 8 * 8 * 8 * 4)]),
     "unknown-codec": (_unknown_codec, ["'int9'", "unknown", "fp32"]),
     "nan-scale": (_nan_scale, ["scale", "nan", "finite"]),
-    "too-many-samples": (_too_many_samples, [f"{_MICRO + 1} samples", f"1 to {_MICRO}"]),
+    "too-many-samples": (_too_many_samples, [f"{MICRO + 1} samples", f"1 to {MICRO}"]),
     "labels-with-edge-tail": (_labels_with_tail, ["labels", "edge_tail"]),
-    "micro-batch-out-of-range": (_micro_batch_out_of_range, [f"micro-batch {_CHUNKS}", f"has {_CHUNKS}"]),
+    "micro-batch-out-of-range": (_micro_batch_out_of_range, [f"micro-batch {CHUNKS}", f"has {CHUNKS}"]),
 }
 
 
@@ -249,7 +143,7 @@ def test_the_shapes_this_file_assumes(setup) -> None:
     # The expectations in MALFORMED are written for tinycnn [1, 8, 8] cut after layer 1.
     config, _, client = setup
     assert client.uplink == (8, 8, 8) and client.downlink == (256,)
-    assert config.micro_batch_size == _MICRO
+    assert config.micro_batch_size == MICRO
 
 
 @pytest.mark.parametrize("case", list(MALFORMED))
@@ -367,10 +261,10 @@ def test_unknown_session_is_not_found(setup) -> None:
         "Step": lambda: client.step([begin(ghost)]),
         "Evaluate": lambda: list(
             client.stub.Evaluate(iter([pb.EvalFrame(session=ghost, batch=0, activation=client.activation())]),
-                                 timeout=_TIMEOUT)
+                                 timeout=TIMEOUT)
         ),
-        "Weights": lambda: list(client.stub.Weights(pb.SessionRef(session=ghost), timeout=_TIMEOUT)),
-        "Close": lambda: client.stub.Close(pb.SessionRef(session=ghost), timeout=_TIMEOUT),
+        "Weights": lambda: list(client.stub.Weights(pb.SessionRef(session=ghost), timeout=TIMEOUT)),
+        "Close": lambda: client.stub.Close(pb.SessionRef(session=ghost), timeout=TIMEOUT),
     }
     for name, call in calls.items():
         details = expect_status(call, grpc.StatusCode.NOT_FOUND)
@@ -381,9 +275,9 @@ def test_closed_session_is_not_found(setup) -> None:
     _, _, client = setup
     session = client.open()
     run_good_step(client, session)
-    client.stub.Close(pb.SessionRef(session=session), timeout=_TIMEOUT)
+    client.stub.Close(pb.SessionRef(session=session), timeout=TIMEOUT)
     expect_status(lambda: client.step([begin(session, step=1)]), grpc.StatusCode.NOT_FOUND)
-    expect_status(lambda: client.stub.Close(pb.SessionRef(session=session), timeout=_TIMEOUT), grpc.StatusCode.NOT_FOUND)
+    expect_status(lambda: client.stub.Close(pb.SessionRef(session=session), timeout=TIMEOUT), grpc.StatusCode.NOT_FOUND)
 
 
 # -- message size bound ------------------------------------------------------------------------
@@ -398,10 +292,10 @@ def test_message_over_the_bound_is_resource_exhausted(cloud, bound_mib: int, tmp
         other = client.open()
         session = client.open()
         # An activation frame about 1 MiB over the bound (never decoded: the transport refuses it).
-        n = (bound_mib + 1) * _MIB // (4 * math.prod(client.uplink))
+        n = (bound_mib + 1) * MIB // (4 * math.prod(client.uplink))
         big = pb.Tensor(shape=[n, *client.uplink], codec="fp32", data=bytes(n * 4 * math.prod(client.uplink)))
         frame = pb.StepFrame(session=session, step=0, micro_batch=0, activation=big)
-        assert frame.ByteSize() > bound_mib * _MIB
+        assert frame.ByteSize() > bound_mib * MIB
         details = expect_status(lambda: client.step([begin(session), frame]), grpc.StatusCode.RESOURCE_EXHAUSTED)
         assert details
         # The server still serves: the other session, a new one, and a whole training run.
@@ -413,10 +307,29 @@ def test_message_over_the_bound_is_resource_exhausted(cloud, bound_mib: int, tmp
         client.close()
 
 
-def test_smallest_bound_is_usable_for_a_small_model() -> None:
-    # A tinycnn micro-batch is 16 KiB: 1 MiB is plenty, and link.max_message_mib = 1 is allowed.
-    config = make_config(link={"max_message_mib": 1})
-    assert wire.message_limit(config, _model(config)) == 1 * _MIB
+def _largest_frames(config: Config) -> list[int]:
+    """Serialized sizes of the largest legal messages: a full fp32 micro-batch at either cut, every weight."""
+    model = model_of(config)
+    uplink, downlink = cut_shapes_of(config)
+    n = config.micro_batch_size
+    sizes = [
+        pb.StepFrame(session="s" * 32, step=2**40, micro_batch=n, labels=[config.model.num_classes - 1] * n,
+                     activation=wire.encode_tensor(torch.ones(n, *shape), "fp32", "activation")).ByteSize()
+        for shape in (uplink, downlink)
+    ]
+    sizes += [pb.NamedTensor(name=name, tensor=wire.raw_to_message(t)).ByteSize() for name, t in model.state_dict().items()]
+    return sizes
+
+
+def test_the_limit_is_what_the_configuration_needs_not_the_bound() -> None:
+    # A tinycnn micro-batch is 16 KiB: the limit is about 0.1 MiB under the default 64 MiB bound,
+    # and still holds every legal message with room to spare.
+    config = make_config()
+    limit = wire.message_limit(config, model_of(config))
+    assert limit <= MIB // 8
+    assert max(_largest_frames(config)) * 2 < limit
+    # Any bound above the need gives the same limit.
+    assert wire.message_limit(make_config(link={"max_message_mib": 1}), model_of(config)) == limit
 
 
 def test_message_limit_refuses_a_config_that_needs_more() -> None:
@@ -427,15 +340,16 @@ def test_message_limit_refuses_a_config_that_needs_more() -> None:
         link={"max_message_mib": 1},
     )
     with pytest.raises(ConfigError) as info:
-        wire.message_limit(config, _model(config))
+        wire.message_limit(config, model_of(config))
     message = str(info.value)
     assert "link.max_message_mib" in message
     assert "partition.chunks" in message  # says what else to change
-    # With room enough the same configuration passes and the limit is the bound.
+    # With room enough the same configuration passes, and the limit is its need, far below the bound.
     roomy = make_config(
         model={"name": "mobilenetv2", "width": 1.0, "input_shape": [3, 32, 32]},
         partition={"chunks": 1},
         train={"batch_size": 512},
         link={"max_message_mib": 1024},
     )
-    assert wire.message_limit(roomy, _model(roomy)) == 1024 * _MIB
+    limit = wire.message_limit(roomy, model_of(roomy))
+    assert max(_largest_frames(roomy)) < limit < 128 * MIB
