@@ -366,7 +366,7 @@ def test_registry_compares_every_token_entry(monkeypatch: pytest.MonkeyPatch) ->
         compared.append(a)
         return real(a, b)
 
-    monkeypatch.setattr(trust.hmac, "compare_digest", counting)
+    monkeypatch.setattr(hmac, "compare_digest", counting)
     for token in (TOKEN_1, TOKEN_3, "wrong"):
         compared.clear()
         REGISTRY.identify(token, None)

@@ -1,256 +1,30 @@
-"""Who may talk to the cloud: TLS credentials, edge tokens and identities."""
+"""The cloud's edges file and who a caller is: a token hash or a client-certificate subject per edge."""
 from __future__ import annotations
 
-import hashlib
 import hmac
-import ipaddress
 import re
-import secrets
 import tomllib
-from collections import namedtuple
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
 import grpc
 import tomli_w
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator, model_validator
 
-__all__ = [
-    "LOCAL_IDENTITY",
-    "TOKEN_BYTES",
-    "EdgeEntry",
-    "EdgeRegistry",
-    "TrustError",
-    "caller_identity",
-    "channel_credentials",
-    "edges_line",
-    "is_loopback",
-    "load_edges",
-    "new_token",
-    "parse_address",
-    "parse_edges",
-    "server_credentials",
-    "token_call_credentials",
-    "token_channel",
-    "token_hash",
-]
+from pipeline.trust.addresses import TrustError, peer_host, is_loopback
+from pipeline.trust.tokens import token_hash
 
 #: The identity of a loopback caller when the cloud runs without an edges file.
 LOCAL_IDENTITY = "local"
 
-#: Random bytes in a new token: 256 bits, so a plain SHA-256 of it is safe to store (nothing to
-#: brute-force, unlike a password).
-TOKEN_BYTES = 32
-
-_ADDRESS_EXAMPLE = "expected HOST:PORT with a port 0..65535, e.g. 127.0.0.1:50051 or [::1]:50051"
-_HOSTNAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
-_PORT = re.compile(r"[0-9]{1,5}")
 # The first character is alphanumeric so that a name can never be "." or ".." where it ends up
 # in a path or a log line.
 _EDGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
 _NAME_RULE = "1..64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
+
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-# What gRPC accepts in a plain (non -bin) metadata value, less the space that separates the scheme.
-_TOKEN_CHARS = re.compile(r"[\x21-\x7e]+")
-
-
-class TrustError(ValueError):
-    """An address, credential file, token or edges file is unusable; the message says what to fix."""
-
-
-# -- addresses -------------------------------------------------------------------------------
-
-
-def _bad_address(text: str, why: str) -> TrustError:
-    return TrustError(f"bad address {text!r}: {why + '; ' if why else ''}{_ADDRESS_EXAMPLE}")
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """Split ``HOST:PORT`` (IPv6 as ``[ADDR]:PORT``) into the host, without brackets, and the port."""
-    host, colon, port = text.rpartition(":")
-    if not colon or not _PORT.fullmatch(port) or int(port) > 65535:
-        raise _bad_address(text, "")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise _bad_address(text, f"{host} is not an IPv6 address") from None
-        return host[1:-1], int(port)
-    if ":" in host:
-        raise _bad_address(text, "write an IPv6 host in brackets")
-    if not _HOSTNAME.fullmatch(host):
-        raise _bad_address(text, f"{host!r} is not a host name or IP address")
-    return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (as parse_address returns it) is this machine: 127.0.0.0/8, ::1 or localhost.
-
-    Names are never resolved: any DNS name but ``localhost`` may point anywhere.
-    """
-    if host.lower() == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    # A dual-stack server listening on [::] sees IPv4 clients as ::ffff:a.b.c.d.
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
-def _peer_host(peer: str) -> str | None:
-    # grpc writes peers as "ipv4:127.0.0.1:5555" or "ipv6:%5B::1%5D:5555" (brackets URL-encoded).
-    kind, _, rest = peer.partition(":")
-    if kind not in ("ipv4", "ipv6"):
-        return None
-    host = unquote(rest).rpartition(":")[0]
-    return host.removeprefix("[").removesuffix("]") or None
-
-
-# -- TLS -------------------------------------------------------------------------------------
-
-
-def _read(path: Path, flag: str, what: str) -> bytes:
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise TrustError(f"cannot read the {what} {path} ({flag}): {exc.strerror}") from None
-    if not data.strip():
-        raise TrustError(f"the {what} {path} ({flag}) is empty")
-    return data
-
-
-def _certificates(path: Path, flag: str) -> tuple[bytes, list[x509.Certificate]]:
-    data = _read(path, flag, "certificate file")
-    try:
-        return data, x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise TrustError(
-            f"{path} ({flag}) holds no PEM certificate; give a file with -----BEGIN CERTIFICATE-----"
-        ) from None
-
-
-def _key_pair(cert: Path, key: Path) -> tuple[bytes, bytes]:
-    cert_pem, chain = _certificates(cert, "--tls-cert")
-    key_pem = _read(key, "--tls-key", "private key")
-    try:
-        private = serialization.load_pem_private_key(key_pem, password=None)
-    except TypeError:
-        raise TrustError(f"the private key {key} (--tls-key) is encrypted; give it unencrypted") from None
-    except (ValueError, UnsupportedAlgorithm):
-        raise TrustError(f"{key} (--tls-key) holds no PEM private key") from None
-    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if chain[0].public_key().public_bytes(der, spki) != private.public_key().public_bytes(der, spki):
-        raise TrustError(
-            f"the private key {key} (--tls-key) does not belong to the certificate {cert} (--tls-cert)"
-        )
-    return key_pem, cert_pem
-
-
-def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> grpc.ServerCredentials:
-    """TLS for the cloud; with ``client_ca``, mutual TLS: edges must show a certificate it signed."""
-    key_pem, cert_pem = _key_pair(cert, key)
-    ca_pem = _certificates(client_ca, "--tls-client-ca")[0] if client_ca is not None else None
-    return grpc.ssl_server_credentials(
-        [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=ca_pem is not None
-    )
-
-
-def channel_credentials(
-    ca: Path | None, cert: Path | None = None, key: Path | None = None
-) -> grpc.ChannelCredentials:
-    """TLS for the edge: trust ``ca`` (None: the system roots); ``cert`` and ``key`` for mutual TLS."""
-    if cert is not None and key is None:
-        raise TrustError(f"the certificate {cert} (--tls-cert) needs its private key: add --tls-key")
-    if key is not None and cert is None:
-        raise TrustError(f"the private key {key} (--tls-key) needs its certificate: add --tls-cert")
-    ca_pem = _certificates(ca, "--tls-ca")[0] if ca is not None else None
-    key_pem, cert_pem = _key_pair(cert, key) if cert is not None and key is not None else (None, None)
-    return grpc.ssl_channel_credentials(ca_pem, key_pem, cert_pem)
-
-
-# -- tokens ----------------------------------------------------------------------------------
-
-
-def new_token() -> str:
-    """A fresh edge token (URL-safe text from 32 random bytes)."""
-    return secrets.token_urlsafe(TOKEN_BYTES)
-
-
-def token_hash(token: str) -> str:
-    """The hex SHA-256 of a token: what the edges file stores instead of the token."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def _check_token(token: str) -> None:
-    if not _TOKEN_CHARS.fullmatch(token):
-        raise TrustError("the edge token is empty or holds spaces or non-ASCII characters; copy it exactly")
-
-
-def token_call_credentials(token: str) -> grpc.CallCredentials:
-    """Call credentials that send ``authorization: Bearer <token>``; gRPC sends them over TLS only."""
-    _check_token(token)
-    return grpc.access_token_call_credentials(token)
-
-
-class _CallDetails(
-    namedtuple(
-        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
-    ),
-    grpc.ClientCallDetails,
-):
-    """Call details with extra metadata; grpc.ClientCallDetails has no constructor of its own."""
-
-
-class _BearerInterceptor(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    """Adds the bearer token to the metadata of every call, unary or streaming."""
-
-    def __init__(self, token: str) -> None:
-        self._header = ("authorization", f"Bearer {token}")
-
-    def _intercept(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
-        metadata = [*(details.metadata or ()), self._header]
-        return continuation(
-            _CallDetails(
-                details.method, details.timeout, metadata, details.credentials,
-                details.wait_for_ready, details.compression,
-            ),
-            request,
-        )
-
-    # The four kinds differ only in whether `request` is one message or an iterator.
-    intercept_unary_unary = _intercept
-    intercept_unary_stream = _intercept
-    intercept_stream_unary = _intercept
-    intercept_stream_stream = _intercept
-
-
-def token_channel(channel: grpc.Channel, host: str, token: str) -> grpc.Channel:
-    """Make every call on an insecure channel to a loopback ``host`` carry the token.
-
-    gRPC drops call credentials on insecure channels, so the token travels as call metadata
-    instead; any host but loopback is refused, since the token would cross the network in clear.
-    """
-    if not is_loopback(host):
-        raise TrustError(
-            f"refusing to send the edge token in clear text to {host}; reach it over TLS (--tls-ca)"
-        )
-    _check_token(token)
-    return grpc.intercept_channel(channel, _BearerInterceptor(token))
-
-
-# -- the edges file --------------------------------------------------------------------------
 
 
 def _subject_attributes(subject: str) -> frozenset[tuple[str, Any]]:
@@ -451,7 +225,7 @@ def caller_identity(context: grpc.ServicerContext, registry: EdgeRegistry | None
     shows an ``authorization: Bearer <token>`` header and/or a client certificate (mutual TLS);
     a token is refused when it came in clear text from another machine.
     """
-    host = _peer_host(context.peer())
+    host = peer_host(context.peer())
     loopback = host is not None and is_loopback(host)
     if registry is None:
         return LOCAL_IDENTITY if loopback else None
