@@ -5,14 +5,18 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 from torch import nn
 
 from cloud_node.capacity import DEFAULT_MAX_SESSIONS, Capacity, StreamGate
+from cloud_node.checkpointing import CloudCheckpoints, SavedStep, check_run_id, restore_session
+from cloud_node.handover import Handover
 from cloud_node.refusal import Refusal, answering, short
 from cloud_node.server import start_server
-from cloud_node.session import CloudSession, check_run_length
+from cloud_node.run_rules import check_run_length
+from cloud_node.session import CloudSession
 from cloud_node.session_table import SessionTable
 from cloud_node.streams import CallGone, CallStream, IdleWatch
 from cloud_node.throttle import ThrottledLog
@@ -34,6 +38,8 @@ DEFAULT_SESSION_IDLE_SECONDS = 300.0
 _CONFIG_JSON_CHARS = 64 << 10
 #: Open names at most this many differing keys: the status detail is short.
 _DIFFERENCES = 4
+#: Replies a step may have computed and not yet sent: enough to keep computing while one is sent.
+_UNSENT_REPLIES = 4
 #: The same words for every unauthenticated call, whatever it asked for.
 _UNAUTHENTICATED = "not authenticated: this cloud serves registered edges only (a token or a client certificate)"
 
@@ -43,7 +49,7 @@ class CloudServicer(pb_grpc.CloudServicer):
 
     Every call first identifies its caller; a session is reachable only by the identity that
     opened it. Every wait on the peer is bounded by ``link.timeout_seconds``; :meth:`close`
-    ends the helper threads.
+    ends the helper threads. ``state_dir`` keeps each run's checkpoints (None: none are kept).
     """
 
     def __init__(
@@ -53,6 +59,7 @@ class CloudServicer(pb_grpc.CloudServicer):
         registry: EdgeRegistry | None = None,
         capacity: Capacity | None = None,
         session_idle_seconds: float = DEFAULT_SESSION_IDLE_SECONDS,
+        state_dir: Path | None = None,
     ) -> None:
         self.blueprint = blueprint
         self.config = blueprint.config
@@ -62,6 +69,11 @@ class CloudServicer(pb_grpc.CloudServicer):
         self.capacity = capacity or Capacity.plan()
         self.idle_seconds = self.config.link.timeout_seconds
         self.throttled = ThrottledLog(log)
+        # Before any thread starts: a state directory that cannot be made fails the constructor.
+        self.checkpoints = CloudCheckpoints(
+            state_dir, self.config, self.fingerprint,
+            is_live=lambda session: self.sessions.holds(session), lock_seconds=self.idle_seconds,
+        )
         self.sessions = SessionTable(self.capacity.max_sessions, session_idle_seconds)
         self.watch = IdleWatch()
         self._gate = StreamGate(self.capacity.stream_slots)
@@ -111,7 +123,11 @@ class CloudServicer(pb_grpc.CloudServicer):
     # -- the calls -------------------------------------------------------------------------
 
     def Open(self, request: pb.OpenRequest, context: grpc.ServicerContext) -> pb.OpenReply:
-        """Handshake: same configuration, a run length; a new session for the caller."""
+        """Handshake: same configuration, a run length, a run id; a new session for the caller, fresh or resumed.
+
+        A fresh Open of a run the caller already has (a live session, checkpoints) starts it over;
+        a resume replaces the run's live session with one restored from its checkpoint.
+        """
         with answering(context):
             identity = self.identify(context)
             if request.fingerprint != self.fingerprint:
@@ -119,14 +135,49 @@ class CloudServicer(pb_grpc.CloudServicer):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"edge and cloud run different configurations: {self._differences(request.config_json)}",
                 )
-            total, per_epoch = request.total_steps, request.steps_per_epoch
-            check_run_length(total, per_epoch)
-            session = self.sessions.open(
-                identity,
-                lambda sid: CloudSession(sid, self.blueprint, owner=identity, total_steps=total, steps_per_epoch=per_epoch),
+            check_run_length(request.total_steps, request.steps_per_epoch)
+            check_run_id(request.run_id, resume=request.resume)
+            if request.resume:
+                session = self._resume(identity, request)
+            elif request.run_id:
+                with self.checkpoints.holding(identity, request.run_id):
+                    session = self._open_session(identity, request)
+                    self.checkpoints.forget(identity, request.run_id)
+            else:
+                session = self._open_session(identity, request)
+            log.info(
+                "session %s opened for %s (edge name %s) at step %d", session.id, identity, short(request.edge_name),
+                session.next_step,
             )
-            log.info("session %s opened for %s (edge name %s)", session.id, identity, short(request.edge_name))
-            return pb.OpenReply(session=session.id, decision=wire.decision_to_message(session.decision))
+            return pb.OpenReply(
+                session=session.id, decision=wire.decision_to_message(session.decision), next_step=session.next_step
+            )
+
+    def _open_session(self, identity: str, request: pb.OpenRequest, saved: SavedStep | None = None) -> CloudSession:
+        """A new session of the caller's run (restored to ``saved``), in place of the run's live one."""
+
+        def build(session_id: str) -> CloudSession:
+            session = CloudSession(
+                session_id, self.blueprint, owner=identity, total_steps=request.total_steps,
+                steps_per_epoch=request.steps_per_epoch, checkpoints=self.checkpoints, run_id=request.run_id,
+            )
+            if saved is not None:
+                restore_session(session, saved)
+            return session
+
+        return self.sessions.open(identity, build, run_id=request.run_id)
+
+    def _resume(self, identity: str, request: pb.OpenRequest) -> CloudSession:
+        run_id, step = request.run_id, request.resume_step
+        with self.checkpoints.holding(identity, run_id):
+            saved = self.checkpoints.load(identity, run_id, step)
+            self.checkpoints.check_saved_run(
+                saved, total_steps=request.total_steps, steps_per_epoch=request.steps_per_epoch
+            )
+            session = self._open_session(identity, request, saved)
+            # The cloud may hold steps after S that the edge never committed; the run redoes them.
+            self.checkpoints.discard_after(identity, run_id, step)
+        return session
 
     def Step(self, request_iterator: Iterator[pb.StepFrame], context: grpc.ServicerContext) -> Iterator[pb.StepFrame]:
         """One training step's frames."""
@@ -145,15 +196,21 @@ class CloudServicer(pb_grpc.CloudServicer):
                     self._note_gone(gone, "Step")
 
     def _step(self, session: CloudSession, first: pb.StepFrame, stream: CallStream) -> Iterator[pb.StepFrame]:
-        frame = first
-        try:
+        def compute(emit: Callable[[pb.StepFrame], None]) -> None:
+            frame = first
             while frame is not None:
                 if frame.session != session.id:
                     raise wire.WireError(f"a frame of session {short(frame.session)} on this session's stream")
                 for reply in session.handle(frame):
+                    emit(reply)
+                frame = stream.next()
+
+        try:
+            # The frames are read and computed on a thread of their own while this one sends.
+            with Handover(compute, limit=_UNSENT_REPLIES, name="edgepipe-step") as replies:
+                for reply in replies:
                     with stream.sending():
                         yield reply
-                frame = stream.next()
         except (wire.WireError, CodecError) as exc:
             session.abort_step()
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
@@ -240,6 +297,7 @@ def serve(
     session_idle_seconds: float = DEFAULT_SESSION_IDLE_SECONDS,
     allow_insecure: bool = False,
     model_factory: Callable[[], nn.Sequential] | None = None,
+    state_dir: str | Path | None = None,
 ) -> tuple[grpc.Server, int, CloudServicer]:
     """Start a server for ``config`` on ``listen`` (``HOST:PORT``, port 0 picks one).
 
@@ -247,15 +305,18 @@ def serve(
     loopback address is served unless ``allow_insecure``. ``edges`` are the edges let in
     (None: loopback callers only). ``workers`` None sizes the thread pool from
     ``max_sessions``. ``model_factory`` builds the model instead of ``[model] name`` (the
-    edges must build the same). Returns the started server, the bound port and the servicer.
+    edges must build the same). ``state_dir`` keeps the runs' checkpoints, so that edges can
+    resume them, also after this cloud restarts with the same directory (None: a checkpoint
+    step is refused). Returns the started server, the bound port and the servicer.
     Raises :class:`pipeline.config.ConfigError` for a configuration that cannot train,
     :class:`pipeline.trust.TrustError` for clear text to the network, ValueError for too few
-    workers and :class:`OSError` when the address cannot be bound.
+    workers and :class:`OSError` when the address cannot be bound or the state directory made.
     """
     _check_listen(listen, credentials is not None, allow_insecure)
     capacity = Capacity.plan(max_sessions, workers)
     servicer = CloudServicer(
-        Blueprint(config, model_factory), registry=edges, capacity=capacity, session_idle_seconds=session_idle_seconds
+        Blueprint(config, model_factory), registry=edges, capacity=capacity, session_idle_seconds=session_idle_seconds,
+        state_dir=None if state_dir is None else Path(state_dir),
     )
     try:
         server, port = start_server(servicer, listen, credentials)

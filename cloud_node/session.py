@@ -5,45 +5,31 @@ import copy
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import grpc
 import torch
 import torch.nn.functional as F
 
+from cloud_node.checkpointing import CloudCheckpoints
 from cloud_node.refusal import Refusal
+from cloud_node.run_rules import RunRules
 from pipeline import wire
 from pipeline.blueprint import Blueprint
-from pipeline.optim import learning_rate
 from pipeline.partition import split
-from pipeline.skip import LayerStat, StepStats
+from pipeline.skip import StepStats
+from pipeline.timeline import Span, StepTimeline
 from pipeline.trainer import StageTrainer
 from protos import edgepipe_pb2 as pb
 
-__all__ = ["CloudSession", "check_run_length"]
+__all__ = ["CloudSession"]
 
-#: Step and epoch numbers travel as int64 and int32.
-_MAX_STEPS = 2**31 - 1
 #: How long a call waits for the session's previous call (cancelled, still unwinding) to let go.
 _LOCK_SECONDS = 5.0
 
 
 def _out_of_order(message: str) -> Refusal:
     return Refusal(grpc.StatusCode.FAILED_PRECONDITION, message)
-
-
-def check_run_length(total_steps: int, steps_per_epoch: int) -> None:
-    """Refuse a handshake whose run length is missing or impossible (INVALID_ARGUMENT).
-
-    Nothing more can be checked against ``[train] epochs`` and ``max_steps``: the edge's
-    ``--epochs`` and ``--max-steps`` override them, and only the edge knows its dataset's size.
-    """
-    for name, value in (("total_steps", total_steps), ("steps_per_epoch", steps_per_epoch)):
-        if not 1 <= value <= _MAX_STEPS:
-            raise Refusal(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"OpenRequest.{name} is {value}; it must lie in 1..{_MAX_STEPS} (is the edge older than this cloud?)",
-            )
 
 
 class CloudSession:
@@ -53,14 +39,19 @@ class CloudSession:
     gradients) per micro-batch, then ``end``.  The optimizer steps only at ``end`` after every
     micro-batch completed; anything else aborts the step and leaves the session as it was.
     The session belongs to ``owner``, and the handshake fixed the run's length: every step's
-    learning rate and epoch follow from it, so the edge's begin frame must agree exactly.
+    learning rate and epoch follow from it, so the edge's begin frame must agree exactly. An
+    ``end`` frame that asks for a checkpoint has the session's half of run ``run_id`` saved in
+    ``checkpoints`` before the step is answered.
     """
 
     def __init__(
-        self, session_id: str, blueprint: Blueprint, *, owner: str, total_steps: int, steps_per_epoch: int
+        self, session_id: str, blueprint: Blueprint, *, owner: str, total_steps: int, steps_per_epoch: int,
+        checkpoints: CloudCheckpoints, run_id: str = "",
     ) -> None:
         self.id = session_id
         self.owner = owner
+        self.run_id = run_id
+        self.checkpoints = checkpoints
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self.config = config = blueprint.config
@@ -79,7 +70,9 @@ class CloudSession:
         self.micro_size = -(-config.train.batch_size // config.partition.chunks)
         self.chunks = -(-config.train.batch_size // self.micro_size)
         edge_layers = [*range(self.cuts.edge_head), *range(self.cuts.middle_stop, self.num_layers)]
-        self.edge_layers = frozenset(edge_layers)
+        self.rules = RunRules(
+            config.train, total_steps, steps_per_epoch, self.chunks, self.num_layers, frozenset(edge_layers)
+        )
         self.next_step = 0
         self.decision = self.policy.initial()
         self.trainer.apply(self.decision)
@@ -108,11 +101,16 @@ class CloudSession:
 
     def _reset_step(self) -> None:
         self._begin: pb.StepBegin | None = None
+        # The step's spans for the edge's --trace; the begin frame restarts the clock when it arrives.
+        self._timeline = StepTimeline(self.next_step)
         self._activations: set[int] = set()
         self._gradients: set[int] = set()
         self._losses: dict[int, torch.Tensor] = {}
         self._loss = 0.0
         self._backward_seconds = 0.0
+
+    def _span(self, name: str, index: int) -> AbstractContextManager[None]:
+        return self._timeline.span(name, index, side="cloud")
 
     def abort_step(self) -> None:
         """Forget an unfinished step: no optimizer step, BatchNorm statistics restored."""
@@ -150,27 +148,11 @@ class CloudSession:
             )
         if begin.boundary != self.decision.boundary:
             raise _out_of_order(f"the edge applies boundary {begin.boundary}, the cloud decided {self.decision.boundary}")
-        self._check_begin(frame.step, begin)
+        self.rules.check_begin(frame.step, begin)
         self.trainer.begin(begin.lr)
         self.clock.take()
+        self._timeline = StepTimeline(frame.step)
         self._begin = begin
-
-    def _check_begin(self, step: int, begin: pb.StepBegin) -> None:
-        # Each value follows from the configuration and the run length agreed at Open; one that
-        # differs is a broken or hostile edge (an lr of inf or NaN would poison every weight).
-        if step >= self.total_steps:
-            raise wire.WireError(f"step {step} is past the run's {self.total_steps} steps")
-        train = self.config.train
-        expected = {
-            "lr": learning_rate(train, step, self.total_steps),
-            "samples": train.batch_size,
-            "epoch": step // self.steps_per_epoch,
-            "chunks": self.chunks,
-        }
-        for field, value in expected.items():
-            got = getattr(begin, field)
-            if got != value:
-                raise wire.WireError(f"begin.{field} is {got!r}; step {step} of this run has {field} {value!r}")
 
     def _micro_batch(self, frame: pb.StepFrame, seen: set[int], what: str) -> int:
         index = frame.micro_batch
@@ -188,22 +170,25 @@ class CloudSession:
 
     def _on_activation(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
         index = self._micro_batch(frame, self._activations, "activation")
-        x = wire.decode_tensor(
-            frame.activation, sample_shape=self.uplink_shape, max_batch=self.max_batch,
-            what="uplink activation", clock=self.clock,
-        )
+        with self._span("decode", index):
+            x = wire.decode_tensor(
+                frame.activation, sample_shape=self.uplink_shape, max_batch=self.max_batch,
+                what="uplink activation", clock=self.clock,
+            )
         self._check_size(x, index, "uplink activation")
         self._activations.add(index)
         if self.loss_on_cloud:
             labels = wire.labels_from_frame(frame, batch=len(x), num_classes=self.config.model.num_classes)
-            out = self.stage.forward(index, x, input_grad=self.head_trains)
-            self._losses[index] = F.cross_entropy(out, labels, reduction="sum") / self._begin.samples
+            with self._span("forward", index):
+                out = self.stage.forward(index, x, input_grad=self.head_trains)
+                self._losses[index] = F.cross_entropy(out, labels, reduction="sum") / self._begin.samples
             if len(self._losses) == self._begin.chunks:
                 yield from self._backward_losses(frame)
             return
         if frame.labels:
             raise wire.WireError("labels may only be sent when the loss is computed on the cloud (edge_tail = 0)")
-        out = self.stage.forward(index, x, input_grad=self.head_trains)
+        with self._span("forward", index):
+            out = self.stage.forward(index, x, input_grad=self.head_trains)
         yield self._tensor_frame(frame, "activation", out)
 
     def _backward_losses(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
@@ -211,9 +196,7 @@ class CloudSession:
         for index in reversed(range(self._begin.chunks)):
             loss = self._losses[index]
             self._loss += loss.item()
-            start = time.perf_counter()
-            grad = self.stage.backward(index, loss=loss)
-            self._backward_seconds += time.perf_counter() - start
+            grad = self._backward(index, loss=loss)
             if grad is not None:
                 yield self._tensor_frame(frame, "gradient", grad, index)
 
@@ -223,27 +206,37 @@ class CloudSession:
         index = self._micro_batch(frame, self._gradients, "gradient")
         if index not in self._activations:
             raise wire.WireError(f"gradient for micro-batch {index} arrived before its activation")
-        grad_out = wire.decode_tensor(
-            frame.gradient, sample_shape=self.downlink_shape, max_batch=self.max_batch,
-            what="gradient", clock=self.clock,
-        )
+        with self._span("decode", index):
+            grad_out = wire.decode_tensor(
+                frame.gradient, sample_shape=self.downlink_shape, max_batch=self.max_batch,
+                what="gradient", clock=self.clock,
+            )
         self._check_size(grad_out, index, "gradient")
         self._gradients.add(index)
-        start = time.perf_counter()
-        grad = self.stage.backward(index, grad_out)
-        self._backward_seconds += time.perf_counter() - start
+        grad = self._backward(index, grad_out)
         if grad is not None:
             yield self._tensor_frame(frame, "gradient", grad)
+
+    def _backward(
+        self, index: int, grad: torch.Tensor | None = None, *, loss: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        start = time.perf_counter()
+        with self._span("backward", index):
+            grad_in = self.stage.backward(index, grad, loss=loss)
+        self._backward_seconds += time.perf_counter() - start
+        return grad_in
 
     def _tensor_frame(
         self, frame: pb.StepFrame, kind: str, tensor: torch.Tensor, index: int | None = None
     ) -> pb.StepFrame:
         codec = self.config.link.gradients if kind == "gradient" else self.config.link.downlink
-        message = wire.encode_tensor(tensor, codec, kind, clock=self.clock, generator=self.rounding)
         index = frame.micro_batch if index is None else index
+        with self._span("encode", index):
+            message = wire.encode_tensor(tensor, codec, kind, clock=self.clock, generator=self.rounding)
         return pb.StepFrame(session=self.id, step=frame.step, micro_batch=index, **{kind: message})
 
     def _on_end(self, frame: pb.StepFrame) -> pb.StepFrame:
+        timeline, start = self._timeline, self._timeline.now()
         chunks = self._begin.chunks
         expected_gradients = 0 if self.loss_on_cloud or not self.middle_trains else chunks
         if len(self._activations) != chunks or len(self._gradients) != expected_gradients:
@@ -251,7 +244,10 @@ class CloudSession:
                 f"step {frame.step} ended after {len(self._activations)}/{chunks} activations and "
                 f"{len(self._gradients)}/{expected_gradients} gradients"
             )
-        edge_stats = self._edge_stats(frame)
+        edge_stats = self.rules.edge_stats(frame.step, frame.end)
+        checkpoint = frame.end.checkpoint and self.checkpoints.keeps(self)
+        if checkpoint:
+            self.checkpoints.check(self)  # a refusal now leaves the step undone, not half saved
         own = self.trainer.commit(epoch_end=frame.end.epoch_end)
         stats = StepStats(
             step=frame.step,
@@ -269,22 +265,18 @@ class CloudSession:
             encode_seconds=encode_seconds,
             decode_seconds=decode_seconds,
             backward_seconds=self._backward_seconds,
+            checkpointed=checkpoint,
         )
+        # The step is complete before it is saved: a failed save leaves no step to abort.
         self.next_step += 1
         self._reset_step()
+        if checkpoint:
+            self.checkpoints.save(self, frame.step)
+        timeline.spans.append(Span("cloud", "end", -1, start, timeline.now()))
+        done.spans.extend(
+            pb.Span(name=s.name, micro_batch=s.micro_batch, start=s.start, end=s.end) for s in timeline.spans
+        )
         return pb.StepFrame(session=self.id, step=frame.step, done=done)
-
-    def _edge_stats(self, frame: pb.StepFrame) -> list[LayerStat]:
-        epoch_end = (frame.step + 1) % self.steps_per_epoch == 0 or frame.step == self.total_steps - 1
-        if frame.end.epoch_end != epoch_end:
-            raise wire.WireError(f"end.epoch_end is {frame.end.epoch_end}; step {frame.step} of this run has {epoch_end}")
-        stats = wire.stats_from_message(frame.end.stats, num_layers=self.num_layers)
-        indices = [s.index for s in stats]
-        if not set(indices) <= self.edge_layers or len(set(indices)) != len(indices):
-            raise wire.WireError("end.stats must name each of the edge's layers at most once, and no cloud layer")
-        if any((s.epoch_update_norm is not None) != epoch_end for s in stats):
-            raise wire.WireError("end.stats carry an epoch update norm exactly on an epoch's last step")
-        return stats
 
     @property
     def in_step(self) -> bool:

@@ -42,9 +42,19 @@ class SessionTable:
         with self._lock:
             return len(self._sessions)
 
-    def open(self, owner: str, build: Callable[[str], CloudSession]) -> CloudSession:
-        """Build a session for ``owner`` with ``build(session_id)``, unless the cloud is full."""
+    def open(self, owner: str, build: Callable[[str], CloudSession], *, run_id: str = "") -> CloudSession:
+        """Build a session for ``owner`` with ``build(session_id)``, unless the cloud is full.
+
+        A session of the same ``owner`` and ``run_id`` (its edge vanished, or starts the run
+        over) is replaced: it is removed first and does not count against the limit.
+        """
         with self._lock:
+            replaced = [
+                s for s in self._sessions.values() if run_id and s.owner == owner and s.run_id == run_id
+            ]
+            for session in replaced:
+                del self._sessions[session.id]
+                log.info("session %s of run %s replaced by a new Open of the run", session.id, run_id)
             # Sessions being built count too: the check and the claim are one step.
             if len(self._sessions) + self._opening >= self.max_sessions:
                 raise Refusal(
@@ -60,6 +70,11 @@ class SessionTable:
         with self._lock:
             self._sessions[session.id] = session
         return session
+
+    def holds(self, session: CloudSession) -> bool:
+        """Whether ``session`` is still in the table (not closed, reaped or replaced)."""
+        with self._lock:
+            return self._sessions.get(session.id) is session
 
     def owned(self, owner: str) -> int:
         """How many sessions ``owner`` has open."""

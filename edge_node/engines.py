@@ -1,4 +1,4 @@
-"""How the edge computes one step: split over the link, or the one-process reference (``--local``)."""
+"""How the edge computes one split step over the link, and what every engine reports of a step."""
 from __future__ import annotations
 
 import time
@@ -13,12 +13,12 @@ from pipeline import wire
 from pipeline.blueprint import Blueprint
 from pipeline.codecs import payload_bytes
 from pipeline.partition import split
-from pipeline.skip import Decision, StepStats
+from pipeline.skip import Decision, SkipPolicy
 from pipeline.timeline import StepTimeline
 from pipeline.trainer import StageTrainer
 from protos import edgepipe_pb2 as pb
 
-__all__ = ["LocalEngine", "SplitEngine", "StepResult"]
+__all__ = ["SplitEngine", "StepResult", "batch_loss", "micro_batches"]
 
 
 @dataclass
@@ -35,56 +35,20 @@ class StepResult:
     uplink_fp32_extra_bytes: int = 0
     #: Where the step's time went on both machines (split runs).
     timeline: StepTimeline | None = None
+    #: Both sides hold this step's checkpoint now (it was asked for, and the cloud saved its half).
+    checkpointed: bool = False
 
 
-def _micro_batches(x: torch.Tensor, y: torch.Tensor, chunks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def micro_batches(x: torch.Tensor, y: torch.Tensor, chunks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A mini-batch split into ``chunks`` micro-batches of inputs and labels."""
     # torch.chunk is how torchgpipe scatters a mini-batch: the same micro-batches, the same results.
     return list(zip(x.chunk(chunks), y.chunk(chunks)))
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor, samples: int) -> torch.Tensor:
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor, samples: int) -> torch.Tensor:
+    """A micro-batch's share of the mini-batch's mean cross-entropy."""
     # Summed and divided by the whole mini-batch: micro-batch gradients add up to the mean's.
     return F.cross_entropy(logits, labels, reduction="sum") / samples
-
-
-class LocalEngine:
-    """The whole model in this process: the reference a split run must match."""
-
-    def __init__(self, blueprint: Blueprint) -> None:
-        self.config = blueprint.config
-        self.model = blueprint.model
-        self.trainer = StageTrainer(self.model, 0, self.config.train)
-        self.policy = blueprint.new_policy()
-        self.decision = self.policy.initial()
-        self.trainer.apply(self.decision)
-
-    def step(self, step: int, epoch: int, lr: float, x: torch.Tensor, y: torch.Tensor, epoch_end: bool) -> StepResult:
-        """Forward every micro-batch, backward them in reverse (GPipe's order), step, decide."""
-        stage = self.trainer.stage
-        self.trainer.begin(lr)
-        micro = _micro_batches(x, y, self.config.partition.chunks)
-        losses = [_loss(stage.forward(index, xi), yi, len(y)) for index, (xi, yi) in enumerate(micro)]
-        start = time.perf_counter()
-        for index in reversed(range(len(micro))):
-            stage.backward(index, loss=losses[index])
-        backward = time.perf_counter() - start
-        total = sum(loss.item() for loss in losses)
-        stats = StepStats(step, epoch, epoch_end, lr, tuple(self.trainer.commit(epoch_end=epoch_end)))
-        self.decision = self.policy.decide(stats)
-        self.trainer.apply(self.decision)
-        return StepResult(total, self.decision, edge_backward_seconds=backward)
-
-    def evaluate_many(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        """Logits of each batch, eval mode."""
-        for xb in batches:
-            yield self.trainer.stage.evaluate(xb)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained model."""
-        return self.model.state_dict()
-
-    def close(self) -> None:
-        """Nothing to release."""
 
 
 @dataclass
@@ -135,6 +99,7 @@ class SplitEngine:
     def __init__(
         self, blueprint: Blueprint, link: CloudLink, edge_name: str, *, total_steps: int, steps_per_epoch: int
     ) -> None:
+        """Set up the edge's stages; nothing crosses the link before :meth:`open`."""
         self.config = blueprint.config
         self.model = blueprint.model
         self.cuts = blueprint.cuts
@@ -147,12 +112,35 @@ class SplitEngine:
         self.clock = wire.CodecClock()
         # Stochastic rounding draws from its own seeded generator: runs repeat exactly.
         self.rounding = torch.Generator().manual_seed(self.config.model.seed + 1)
-        self.decision = link.open(edge_name, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-        self._apply(self.decision)
+        self.edge_name, self.total_steps, self.steps_per_epoch = edge_name, total_steps, steps_per_epoch
+        #: What a checkpoint holds: the cloud decides, so there is no policy here.
+        self.policy: SkipPolicy | None = None
+        self.trainers = {"head": self.head, "tail": self.tail}
+        self.generators = {"rounding": self.rounding}
+        self.decision = Decision(0)
 
-    def _apply(self, decision: Decision) -> None:
+    def apply(self, decision: Decision) -> None:
+        """Make ``decision`` the one the next step runs with."""
+        self.decision = decision
         self.head.apply(decision)
         self.tail.apply(decision)
+
+    def open(self, run_id: str, *, resume_step: int | None = None, wait: float | None = None) -> None:
+        """Open run ``run_id`` on the cloud: fresh, or after ``resume_step`` with this engine restored to it.
+
+        A resumed run must get back the decision this side saved with that step.
+        """
+        decision = self.link.open(
+            self.edge_name, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch, run_id=run_id,
+            resume_step=resume_step, wait=wait,
+        )
+        if resume_step is None:
+            self.apply(decision)
+        elif decision != self.decision:
+            raise LinkError(
+                f"the cloud resumed run {run_id} after step {resume_step} with boundary {decision.boundary}, "
+                f"but this edge saved boundary {self.decision.boundary} there: the two sides' checkpoints differ"
+            )
 
     @property
     def _head_trains(self) -> bool:
@@ -166,21 +154,26 @@ class SplitEngine:
     def _loss_on_cloud(self) -> bool:
         return self.cuts.edge_tail == 0
 
-    def step(self, step: int, epoch: int, lr: float, x: torch.Tensor, y: torch.Tensor, epoch_end: bool) -> StepResult:
-        """Stream the micro-batches through the cloud, then step both sides' optimizers."""
-        micro = _micro_batches(x, y, self.config.partition.chunks)
+    def step(
+        self, step: int, epoch: int, lr: float, x: torch.Tensor, y: torch.Tensor, epoch_end: bool,
+        checkpoint: bool = False,
+    ) -> StepResult:
+        """Stream the micro-batches through the cloud, then step both sides' optimizers.
+
+        With ``checkpoint`` the cloud saves its half of this step before it answers.
+        """
+        micro = micro_batches(x, y, self.config.partition.chunks)
         run = _Step(step, self.link.step(), micro, StepTimeline(step))
         try:
             self._begin(run, epoch, lr)
             self._stream(run)
-            done = self._end(run, epoch_end)
+            done = self._end(run, epoch_end, checkpoint)
         except BaseException:
             run.call.cancel()
             self.head.abort()
             self.tail.abort()
             raise
-        self.decision = wire.decision_from_message(done.decision)
-        self._apply(self.decision)
+        self.apply(wire.decision_from_message(done.decision))
         return StepResult(
             loss=done.loss if self._loss_on_cloud else sum(run.losses[i] for i in sorted(run.losses)),
             decision=self.decision,
@@ -190,6 +183,7 @@ class SplitEngine:
             cloud_codec_seconds=(done.encode_seconds, done.decode_seconds),
             uplink_fp32_extra_bytes=run.fp32_extra,
             timeline=run.timeline,
+            checkpointed=checkpoint and done.checkpointed,
         )
 
     # -- the handlers --------------------------------------------------------------------
@@ -246,7 +240,7 @@ class SplitEngine:
             )
         with run.timeline.span("tail forward", index):
             out = self.tail.stage.forward(index, z, input_grad=self._middle_trains)
-            loss = _loss(out, run.micro[index][1], run.samples)
+            loss = batch_loss(out, run.micro[index][1], run.samples)
             run.losses[index] = loss.item()
         start = time.perf_counter()
         with run.timeline.span("tail backward", index):
@@ -272,10 +266,10 @@ class SplitEngine:
         run.backward_seconds += time.perf_counter() - start
         run.head_gradients.add(index)
 
-    def _end(self, run: _Step, epoch_end: bool) -> pb.StepDone:
+    def _end(self, run: _Step, epoch_end: bool, checkpoint: bool) -> pb.StepDone:
         with run.timeline.span("optimizer"):
             stats = self.head.commit(epoch_end=epoch_end) + self.tail.commit(epoch_end=epoch_end)
-        end = pb.StepEnd(epoch_end=epoch_end, stats=wire.stats_to_message(stats))
+        end = pb.StepEnd(epoch_end=epoch_end, stats=wire.stats_to_message(stats), checkpoint=checkpoint)
         sent = run.timeline.now()
         run.call.send(run.frame(self.link.session, end=end))
         with run.timeline.span("wait"):
@@ -329,7 +323,3 @@ class SplitEngine:
             raise LinkError(f"the cloud did not send {len(missing)} weights, e.g. {missing[0]!r}")
         own.update(received)
         return own
-
-    def close(self) -> None:
-        """End the session on the cloud."""
-        self.link.close()

@@ -1,4 +1,4 @@
-"""The gRPC client end of the link: channel, TLS and token, handshake, one stream per step, deadlines, byte counting."""
+"""The gRPC client end of the link: channel, handshake, a stream per step, deadlines, byte counting, errors."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,14 +17,14 @@ from pipeline.config import Config
 from pipeline.handshake import fingerprint
 from pipeline.skip import Decision
 from pipeline.traffic import TrafficMeter
-from pipeline.trust import (
-    TrustError, channel_credentials, is_loopback, parse_address, token_call_credentials, token_channel,
-)
+from edge_node.security import LinkSecurity
 from protos import edgepipe_pb2 as pb
 
 __all__ = ["CloudLink", "LinkError", "LinkSecurity", "StepCall"]
 
 _SERVICE = "/edgepipe.v1.Cloud/"
+#: What each call's bytes are for, in the traffic ledger.
+_PHASES = {"Open": "handshake", "Close": "handshake", "Step": "training", "Evaluate": "evaluation", "Weights": "weights"}
 #: A method the cloud does not have: a fail-fast call to it returns the channel's last
 #: connection error, or UNIMPLEMENTED once connected, and never touches a session.
 _PROBE = _SERVICE + "Probe"
@@ -43,6 +41,19 @@ _KEEPALIVE_OPTIONS = [
     ("grpc.http2.ping_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+#: A cloud that comes back (restarted on the same address) is found within a second or two;
+#: gRPC's default backoff grows to two minutes between connection attempts.
+_RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+#: Failures a reconnect may mend: the cloud is gone or restarting, the link cut, a step
+#: aborted (the cloud could not save its checkpoint). Refusals are final.
+_TRANSIENT = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,
+})
 #: Connection errors that retrying cannot mend: the TLS handshake failed, or the cloud closed
 #: the connection during it (it wanted a client certificate it did not get or did not trust).
 _TLS_FAILURE = re.compile(r"handshake|certificate|verification|TSI_|SSL|Socket closed", re.IGNORECASE)
@@ -51,79 +62,34 @@ _FULL_HINT = "try again later, or serve more edges at once (edgepipe-cloud --max
 _TLS_HINT = "check --tls-ca and --tls-server-name, and --tls-cert/--tls-key if the cloud wants client certificates"
 
 
-@dataclass(frozen=True)
-class LinkSecurity:
-    """How the edge checks the cloud and proves who it is; the default is clear text, to loopback only.
+class LinkError(RuntimeError):
+    """The cloud refused a call or could not be reached; the message is one line for the user.
 
-    TLS is on when ``ca``, ``cert`` or ``key`` is given. ``ca`` is the CA file that signed the
-    cloud's certificate (None with TLS on: the system roots); ``cert`` and ``key`` are this
-    edge's client certificate for mutual TLS; ``server_name`` is the name the cloud's
-    certificate must hold when it differs from the host dialled (tunnels, tests). ``token`` is
-    sent as ``authorization: Bearer`` on every call. ``insecure`` allows clear text to another
-    machine, never with a token.
+    ``transient`` says whether reconnecting may mend it (the cloud went away or restarts, a
+    stream broke), as opposed to a refusal; ``reason`` is the short cause, for reports.
     """
 
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    server_name: str | None = None
-    token: str | None = None
-    insecure: bool = False
-
-    @property
-    def tls(self) -> bool:
-        """Whether the channel is TLS."""
-        return self.ca is not None or self.cert is not None or self.key is not None
-
-    def check(self, address: str) -> None:
-        """Raise :class:`pipeline.trust.TrustError` when these settings must not reach ``address``; connects nowhere."""
-        host, _ = parse_address(address)
-        if self.insecure and self.tls:
-            raise TrustError("--insecure turns TLS off: give either --insecure or --tls-ca/--tls-cert/--tls-key")
-        if self.server_name is not None and not self.tls:
-            raise TrustError("--tls-server-name only applies to TLS: add --tls-ca")
-        if self.tls or is_loopback(host):
-            return
-        if self.token is not None:
-            raise TrustError(f"refusing to send the edge token in clear text to {host}; reach it over TLS (--tls-ca)")
-        if not self.insecure:
-            raise TrustError(
-                f"refusing to talk to {host} in clear text: reach it over TLS (--tls-ca FILE), "
-                "or pass --insecure inside a trusted network or tunnel"
-            )
-
-    def channel(self, address: str, options: list[tuple[str, Any]]) -> tuple[grpc.Channel, grpc.Channel]:
-        """The raw channel (connectivity, close) and the one to call on, which carries the token."""
-        self.check(address)
-        if not self.tls:
-            raw = grpc.insecure_channel(address, options=options)
-            if self.token is None:
-                return raw, raw
-            return raw, token_channel(raw, parse_address(address)[0], self.token)
-        credentials = channel_credentials(self.ca, self.cert, self.key)
-        if self.token is not None:
-            credentials = grpc.composite_channel_credentials(credentials, token_call_credentials(self.token))
-        if self.server_name is not None:
-            options = [*options, ("grpc.ssl_target_name_override", self.server_name)]
-        raw = grpc.secure_channel(address, credentials, options=options)
-        return raw, raw
-
-
-class LinkError(RuntimeError):
-    """The cloud refused a call or could not be reached; the message is one line for the user."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+    def __init__(
+        self, message: str, code: grpc.StatusCode | None = None, *, transient: bool = False, reason: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.transient = transient
+        self.reason = reason or message
 
 
 def _link_error(address: str, exc: grpc.RpcError) -> LinkError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return LinkError(f"cannot reach the cloud at {address}: {details}", code)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return LinkError(f"the cloud at {address} did not answer in time (link.timeout_seconds)", code)
+    if code in _TRANSIENT:
+        reason = f"{code.name}: {' '.join((details or '').split())}"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            message = f"the cloud at {address} did not answer in time (link.timeout_seconds)"
+        elif code == grpc.StatusCode.UNAVAILABLE:
+            message = f"cannot reach the cloud at {address}: {details}"
+        else:
+            message = f"cloud {address} answered {code.name}: {details}"
+        return LinkError(message, code, transient=True, reason=reason)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return LinkError(f"the cloud at {address} refused this edge ({code.name}: {details}); {_REFUSED_HINT}", code)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -161,7 +127,8 @@ class StepCall:
 
     def _unwrap(self, item: Any) -> pb.StepFrame:
         if item is _END:
-            raise LinkError(f"the cloud at {self._address} ended the step early")
+            raise LinkError(f"the cloud at {self._address} ended the step early", transient=True,
+                            reason="the step's stream ended early")
         if isinstance(item, grpc.RpcError):
             raise _link_error(self._address, item)
         return item
@@ -220,7 +187,7 @@ class CloudLink:
         self._fingerprint = fingerprint(config, model)
         limit = wire.message_limit(config, model)
         options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
-                   *_KEEPALIVE_OPTIONS]
+                   *_KEEPALIVE_OPTIONS, *_RECONNECT_OPTIONS]
         self._raw, self._channel = self.security.channel(address, options)
         self._probe = self._raw.unary_unary(_PROBE)
         self._open = self._method("unary_unary", "Open", pb.OpenReply)
@@ -230,53 +197,73 @@ class CloudLink:
         self._close = self._method("unary_unary", "Close", pb.CloseReply)
 
     def _method(self, arity: str, name: str, reply_type: Any) -> Any:
+        phase = _PHASES[name]
         meter = self.meter
 
         def serialize(message: Any) -> bytes:
             data = message.SerializeToString()
-            meter.count("uplink", wire.frame_kind(message), len(data))
+            meter.count("uplink", wire.frame_kind(message), len(data), phase)
             return data
 
         def deserialize(data: bytes) -> Any:
             message = reply_type.FromString(data)
-            meter.count("downlink", wire.frame_kind(message), len(data))
+            meter.count("downlink", wire.frame_kind(message), len(data), phase)
             return message
 
         factory = getattr(self._channel, arity)
         return factory(_SERVICE + name, request_serializer=serialize, response_deserializer=deserialize)
 
-    def open(self, edge_name: str, *, total_steps: int, steps_per_epoch: int) -> Decision:
-        """Handshake for a run of ``total_steps`` steps; returns the freeze decision for step 0."""
-        self._wait_until_ready()
+    def open(
+        self, edge_name: str, *, total_steps: int, steps_per_epoch: int, run_id: str,
+        resume_step: int | None = None, wait: float | None = None,
+    ) -> Decision:
+        """Handshake for run ``run_id`` of ``total_steps`` steps, fresh or resumed after ``resume_step``.
+
+        Waits up to ``wait`` seconds (None: the connect timeout) for the channel to connect.
+        Returns the freeze decision for the first step to run: 0, or ``resume_step + 1``.
+        """
+        self._wait_until_ready(wait)
         request = pb.OpenRequest(
             fingerprint=self._fingerprint,
             config_json=json.dumps(self.config.agreed(), sort_keys=True),
             edge_name=edge_name,
             total_steps=total_steps,
             steps_per_epoch=steps_per_epoch,
+            run_id=run_id,
+            resume=resume_step is not None,
+            resume_step=resume_step or 0,
         )
         try:
             reply = self._open(request, timeout=self.config.link.timeout_seconds)
         except grpc.RpcError as exc:
             raise _link_error(self.address, exc) from None
+        expected = 0 if resume_step is None else resume_step + 1
+        if reply.next_step != expected:
+            raise LinkError(
+                f"the cloud at {self.address} would run step {reply.next_step} of run {run_id} next, not step "
+                f"{expected}: it does not resume runs (start a cloud that has --state-dir)"
+            )
         self.session = reply.session
         return wire.decision_from_message(reply.decision)
 
-    def _wait_until_ready(self) -> None:
+    def _wait_until_ready(self, wait: float | None) -> None:
         # A cloud still starting is waited for; a TLS failure ends the wait at once, since
         # retrying cannot mend a wrong CA or a refused certificate.
+        seconds = self.connect_timeout if wait is None else wait
         states: queue.SimpleQueue[grpc.ChannelConnectivity] = queue.SimpleQueue()
         notify = states.put
         self._raw.subscribe(notify, try_to_connect=True)
-        deadline = time.monotonic() + self.connect_timeout
+        deadline = time.monotonic() + seconds
         state = None
         try:
             while state is not grpc.ChannelConnectivity.READY:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
+                    failure = self._last_failure()
+                    hint = ", --connect-timeout" if wait is None else ""
                     raise LinkError(
-                        f"cannot reach the cloud at {self.address} "
-                        f"(waited {self.connect_timeout:g} s, --connect-timeout){self._last_failure()}"
+                        f"cannot reach the cloud at {self.address} (waited {seconds:g} s{hint}){failure}",
+                        grpc.StatusCode.UNAVAILABLE, transient=True, reason=failure.removeprefix(": ") or "unreachable",
                     )
                 try:
                     state = states.get(timeout=remaining)

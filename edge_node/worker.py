@@ -1,165 +1,29 @@
-"""The edge's training loop (split over the link, or ``--local``) and the files a run leaves."""
+"""Training as the edge, split or ``--local``: a run from its start or its checkpoint, reconnects, its files."""
 from __future__ import annotations
 
-import json
-import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-import torch.nn.functional as F
+import torch
 from torch import nn
 
-from edge_node.engines import LocalEngine, SplitEngine, StepResult
-from edge_node.link import CloudLink, LinkSecurity
+from edge_node.engines import SplitEngine
+from edge_node.link import CloudLink, LinkError, LinkSecurity
+from edge_node.local_engine import LocalEngine
+from edge_node.loop import EpochReport, Run, StepReport
+from edge_node.reconnect import Reconnect
+from edge_node.recovery import EdgeCheckpoints, Engine, RunPlan
 from pipeline.blueprint import Blueprint
 from pipeline.checkpoint import save_json, save_state
 from pipeline.config import Config
-from pipeline.data import DataError, Dataset, as_dataset, load_dataset, mini_batches, training_batches
-from pipeline.optim import learning_rate
-from pipeline.timeline import StepTimeline, write_trace
-from pipeline.traffic import TrafficCounts, TrafficMeter
+from pipeline.data import DataError, Dataset, as_dataset, load_dataset
+from pipeline.handshake import fingerprint
+from pipeline.timeline import write_trace
+from pipeline.traffic import TrafficMeter
 
 __all__ = ["EpochReport", "StepReport", "train"]
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """Passed to ``on_step`` after every optimizer step; ``record`` is its metrics.jsonl line."""
-
-    step: int
-    total_steps: int
-    epoch: int
-    epochs: int
-    loss: float
-    boundary: int
-    link_bytes: int
-    record: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class EpochReport:
-    """Passed to ``on_epoch`` after every evaluation; ``record`` is its metrics.jsonl line."""
-
-    epoch: int
-    epochs: int
-    val_loss: float
-    val_accuracy: float
-    boundary: int
-    uplink_bytes: int
-    downlink_bytes: int
-    record: dict[str, Any]
-
-
-_TIMING_KEYS = ("uplink_activation_fp32_bytes", "edge_backward_seconds", "cloud_backward_seconds",
-                "edge_encode_seconds", "edge_decode_seconds", "cloud_encode_seconds", "cloud_decode_seconds")
-
-
-def _step_line(
-    step: int, epoch: int, lr: float, boundary: int, seconds: float, result: StepResult, traffic: TrafficCounts
-) -> dict[str, Any]:
-    counts = traffic.to_json()
-    return {
-        "step": step,
-        "epoch": epoch,
-        "loss": result.loss,
-        "lr": lr,
-        "boundary": boundary,
-        "step_seconds": seconds,
-        "uplink_bytes": counts["uplink_bytes"],
-        "downlink_bytes": counts["downlink_bytes"],
-        "by_kind": counts["by_kind"],
-        "edge_encode_seconds": result.edge_codec_seconds[0],
-        "edge_decode_seconds": result.edge_codec_seconds[1],
-        "cloud_encode_seconds": result.cloud_codec_seconds[0],
-        "cloud_decode_seconds": result.cloud_codec_seconds[1],
-        "uplink_activation_fp32_bytes": counts["by_kind"]["activation"]["uplink_bytes"] + result.uplink_fp32_extra_bytes,
-        "edge_backward_seconds": result.edge_backward_seconds,
-        "cloud_backward_seconds": result.cloud_backward_seconds,
-    }
-
-
-def _evaluate(engine: LocalEngine | SplitEngine, data: Dataset, batch_size: int) -> tuple[float, float]:
-    inputs, labels = [], []
-    for x, y in mini_batches(data, batch_size, shuffle_seed=None, drop_last=False):
-        inputs.append(x)
-        labels.append(y)
-    loss_sum = 0.0
-    correct = 0
-    for logits, y in zip(engine.evaluate_many(inputs), labels, strict=True):
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += int((logits.argmax(dim=1) == y).sum())
-    return loss_sum / len(data), correct / len(data)
-
-
-@dataclass
-class _Run:
-    """The state of the training loop that outlives one step."""
-
-    config: Config
-    engine: LocalEngine | SplitEngine
-    meter: TrafficMeter
-    metrics: TextIO
-    epochs: int
-    total_steps: int
-    steps_per_epoch: int
-    on_step: Callable[[StepReport], None] | None
-    on_epoch: Callable[[EpochReport], None] | None
-    tracing: bool = False
-    step: int = 0
-    val_accuracy: float = math.nan
-
-    def __post_init__(self) -> None:
-        self.boundary = self.engine.decision.boundary
-        self.freeze_events = [{"step": 0, "boundary": self.boundary}] if self.boundary else []
-        self.totals: dict[str, float] = dict.fromkeys(_TIMING_KEYS, 0.0)
-        self.totals["uplink_activation_fp32_bytes"] = 0
-        self.origin = time.perf_counter()
-        #: Each traced step's timeline and when it began, in seconds since the run began.
-        self.timelines: list[tuple[float, StepTimeline]] = []
-
-    def train_epoch(self, epoch: int, data: Dataset) -> None:
-        train = self.config.train
-        batches = training_batches(data, train.batch_size, seed=self.config.model.seed, epoch=epoch)
-        for position, (x, y) in enumerate(batches):
-            if self.step >= self.total_steps:
-                break
-            epoch_end = position == self.steps_per_epoch - 1 or self.step == self.total_steps - 1
-            self.train_step(epoch, x, y, epoch_end)
-
-    def train_step(self, epoch: int, x: Any, y: Any, epoch_end: bool) -> None:
-        lr = learning_rate(self.config.train, self.step, self.total_steps)
-        before = self.meter.snapshot()
-        tick = time.perf_counter()
-        result = self.engine.step(self.step, epoch, lr, x, y, epoch_end)
-        seconds = time.perf_counter() - tick
-        if self.tracing and result.timeline is not None:
-            self.timelines.append((tick - self.origin, result.timeline))
-        line = _step_line(self.step, epoch, lr, self.boundary, seconds, result, self.meter.snapshot() - before)
-        for key in self.totals:
-            self.totals[key] += line[key]
-        _write(self.metrics, line)
-        if result.decision.boundary != self.boundary:
-            self.boundary = result.decision.boundary
-            self.freeze_events.append({"step": self.step + 1, "boundary": self.boundary})
-        self.step += 1
-        if self.on_step is not None:
-            link = self.meter.snapshot()
-            self.on_step(StepReport(self.step - 1, self.total_steps, epoch, self.epochs, result.loss, self.boundary,
-                                    link.total("uplink") + link.total("downlink"), line))
-
-    def evaluate(self, epoch: int, data: Dataset, batch_size: int) -> None:
-        before = self.meter.snapshot()
-        val_loss, self.val_accuracy = _evaluate(self.engine, data, batch_size)
-        eval_traffic = (self.meter.snapshot() - before).to_json()
-        line = {"epoch": epoch, "val_loss": val_loss, "val_accuracy": self.val_accuracy, **eval_traffic}
-        _write(self.metrics, line)
-        if self.on_epoch is not None:
-            link = self.meter.snapshot()
-            self.on_epoch(EpochReport(epoch, self.epochs, val_loss, self.val_accuracy, self.boundary,
-                                      link.total("uplink"), link.total("downlink"), line))
 
 
 def train(
@@ -177,71 +41,173 @@ def train(
     on_step: Callable[[StepReport], None] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     trace: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_link: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` split with the cloud at ``cloud`` (``HOST:PORT``), or in one process when it is None.
 
-    Quiet: progress goes to ``on_step`` / ``on_epoch`` when given. ``security`` is how the
-    link checks the cloud and proves this edge (None: clear text to loopback only). ``model_factory`` builds
-    the model instead of ``[model] name`` (the cloud must be served with the same);
-    ``data`` is ``(train, validation)`` instead of ``[train] dataset``, each anything
-    :func:`pipeline.data.as_dataset` takes (a torch ``Dataset`` or an ``(inputs, labels)`` pair). Writes
-    ``metrics.jsonl`` as it goes and ``summary.json`` and ``model.pt`` at the end, all in
-    ``run_dir``, and with ``trace`` a Chrome/Perfetto trace of every split step there; returns the summary. Raises :class:`pipeline.config.ConfigError` for a
-    configuration that cannot train, :class:`pipeline.trust.TrustError` for unusable
-    ``security``, :class:`edge_node.link.LinkError` when the cloud fails or refuses,
+    Quiet: progress goes to ``on_step`` / ``on_epoch`` when given, and what happens to the run
+    and the link (resumes, a lost cloud, each reconnect wait) to ``on_link`` as one-line
+    messages. ``security`` is how the link checks the cloud and proves this edge (None: clear
+    text to loopback only). ``model_factory`` builds the model instead of ``[model] name`` (the
+    cloud must be served with the same); ``data`` is ``(train, validation)`` instead of
+    ``[train] dataset``, each anything :func:`pipeline.data.as_dataset` takes (a torch
+    ``Dataset`` or an ``(inputs, labels)`` pair).
+
+    Writes ``metrics.jsonl`` as it goes, the edge's checkpoints to ``checkpoints/`` every
+    ``[checkpoint] every_steps`` steps and at epoch ends, and ``summary.json`` and ``model.pt``
+    at the end, all in ``run_dir``; with ``trace`` a Chrome/Perfetto trace of the split steps
+    this call ran. A run that stops early leaves a summary with status ``interrupted`` or
+    ``failed`` (and its ``reason``). ``resume`` continues the run in ``run_dir`` from its latest
+    checkpoint; without it a ``run_dir`` holding another run is refused, unless ``overwrite``
+    removes that run first. A cloud lost in mid-run is reconnected to for up to ``[link]
+    reconnect_seconds``, and the steps after the last checkpoint are trained again.
+
+    Returns the summary. Raises :class:`pipeline.config.ConfigError` for a configuration that
+    cannot train, :class:`pipeline.trust.TrustError` for unusable ``security``,
+    :class:`edge_node.recovery.RunDirError` for a run directory that cannot take this run,
+    :class:`edge_node.link.LinkError` when the cloud fails or refuses,
     :class:`pipeline.data.DataError` for unusable data and :class:`OSError` when the run
     directory cannot be written.
     """
-    started = time.perf_counter()
     blueprint = Blueprint(config, model_factory)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    epochs = epochs or config.train.epochs
     train_data, val_data = _datasets(config, data)
-    steps_per_epoch = len(train_data) // config.train.batch_size
-    if steps_per_epoch == 0:
-        raise DataError(
-            f"the training set has {len(train_data)} samples, fewer than train.batch_size = {config.train.batch_size}"
-        )
-    limit = max_steps or config.train.max_steps
-    total_steps = epochs * steps_per_epoch if limit is None else min(limit, epochs * steps_per_epoch)
-    eval_batch = config.train.eval_batch_size or config.micro_batch_size
-
+    plan = _plan(config, blueprint, cloud, len(train_data), epochs or config.train.epochs, max_steps)
     meter = TrafficMeter()
-    engine: LocalEngine | SplitEngine
-    with (run_dir / "metrics.jsonl").open("w", encoding="utf-8") as metrics:
-        if cloud is None:
-            engine = LocalEngine(blueprint)
-        else:
-            link = CloudLink(cloud, config, blueprint.model, meter, connect_timeout=connect_timeout, security=security)
-            engine = SplitEngine(blueprint, link, edge_name, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
-        try:
-            run = _Run(config, engine, meter, metrics, epochs, total_steps, steps_per_epoch, on_step, on_epoch,
-                       tracing=trace is not None)
-            for epoch in range(epochs):
-                if run.step >= total_steps:
-                    break
-                run.train_epoch(epoch, train_data)
-                run.evaluate(epoch, val_data, eval_batch)
-            state = engine.state_dict()
-        finally:
-            engine.close()
+    link = None
+    if cloud is not None:
+        link = CloudLink(cloud, config, blueprint.model, meter, connect_timeout=connect_timeout, security=security)
+
+    def build(bp: Blueprint) -> Engine:
+        if link is None:
+            return LocalEngine(bp)
+        return SplitEngine(bp, link, edge_name, total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch)
+
+    try:
+        checkpoints = EdgeCheckpoints.open(run_dir, plan, keep=config.checkpoint.keep, resume=resume,
+                                           overwrite=overwrite)
+        say = on_link or (lambda message: None)
+        run = Run(config, meter, checkpoints, plan, on_step=on_step, on_epoch=on_epoch, on_link=say,
+                  tracing=trace is not None)
+        reconnect = None if cloud is None else Reconnect(cloud, config.link.reconnect_seconds, on_link)
+        eval_batch = config.train.eval_batch_size or config.micro_batch_size
+        with _summary_if_stopped(run, plan.mode, run_dir / "summary.json"):
+            resumed = _begin(run, build(blueprint), None)
+            if resume:
+                say(_resumed(run, resumed, "resuming run {run}"))
+            state = _train_to_end(run, lambda: build(Blueprint(config, model_factory)), reconnect,
+                                  train_data, val_data, eval_batch)
+    finally:
+        if link is not None:
+            link.close()
     save_state(state, run_dir / "model.pt")
     if trace is not None:
         write_trace(trace, [t for _, t in run.timelines], step_starts=[start for start, _ in run.timelines])
-    summary = {
-        "mode": "local" if cloud is None else "split",
-        "steps": run.step,
-        "epochs": epochs,
-        "wall_seconds": time.perf_counter() - started,
-        "final_val_accuracy": run.val_accuracy,
-        "traffic": meter.snapshot().to_json(by_phase=True),
-        "freeze_events": run.freeze_events,
-        **{key: round(value, 6) if isinstance(value, float) else value for key, value in run.totals.items()},
-        "config": config.to_dict(),
-    }
+    summary = run.summary(plan.mode, "completed")
     save_json(summary, run_dir / "summary.json")
     return summary
+
+
+def _plan(
+    config: Config, blueprint: Blueprint, cloud: str | None, samples: int, epochs: int, max_steps: int | None
+) -> RunPlan:
+    """The run's plan: where it trains, what it must share with a resume, and its length."""
+    steps_per_epoch = samples // config.train.batch_size
+    if steps_per_epoch == 0:
+        raise DataError(
+            f"the training set has {samples} samples, fewer than train.batch_size = {config.train.batch_size}"
+        )
+    limit = max_steps or config.train.max_steps
+    total_steps = epochs * steps_per_epoch if limit is None else min(limit, epochs * steps_per_epoch)
+    return RunPlan("local" if cloud is None else "split", _planned(config), fingerprint(config, blueprint.model),
+                   epochs, total_steps, steps_per_epoch)
+
+
+@contextlib.contextmanager
+def _summary_if_stopped(run: Run, mode: str, path: Path) -> Iterator[None]:
+    """Close metrics.jsonl after the block; if it raised, leave a summary saying interrupted or failed, and why."""
+    try:
+        yield
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            summary = run.summary(mode, "interrupted")
+        else:
+            summary = run.summary(mode, "failed", _first_line(exc))
+        # A run directory that cannot take its summary must not hide why the run stopped.
+        with contextlib.suppress(OSError):
+            save_json(summary, path)
+        raise
+    finally:
+        run.close_metrics()
+
+
+def _planned(config: Config) -> dict[str, Any]:
+    """The configuration a resumed run must share: all of it but how long the edge retries a lost cloud."""
+    data = config.to_dict()
+    data["link"].pop("reconnect_seconds")
+    return data
+
+
+def _begin(run: Run, engine: Engine, reconnect: Reconnect | None) -> int | None:
+    """Rewind ``run`` onto ``engine`` and, split, open the run on the cloud (retried while ``reconnect``
+    allows, when given); returns the checkpoint's step the run continues after, None from the start."""
+    resume_step = run.rewind(engine)
+    if isinstance(engine, SplitEngine):
+        def attempt(wait: float | None) -> None:
+            engine.open(run.checkpoints.run_id, resume_step=resume_step, wait=wait)
+
+        if reconnect is None:
+            attempt(None)
+        else:
+            reconnect.retry(attempt)
+    run.opened()
+    return resume_step
+
+
+def _train_to_end(
+    run: Run, rebuild: Callable[[], Engine], reconnect: Reconnect | None,
+    train_data: Dataset, val_data: Dataset, eval_batch: int,
+) -> dict[str, torch.Tensor]:
+    """Train the rest of the run and return the trained model's state; a lost cloud is reconnected
+    to and the steps after the last checkpoint trained again on a fresh engine."""
+    while True:
+        try:
+            return _train_rest(run, train_data, val_data, eval_batch)
+        except LinkError as exc:
+            if reconnect is None or not reconnect.worth(exc):
+                raise
+            lost_at = run.step
+            reconnect.lost(exc, lost_at)
+            resumed = _begin(run, rebuild(), reconnect)
+            redone = f"; steps {run.step}-{lost_at - 1} are trained again" if lost_at > run.step else ""
+            what = f"reconnected to {reconnect.address}: run {{run}} continues"
+            reconnect.report(_resumed(run, resumed, what) + redone)
+
+
+def _train_rest(run: Run, train_data: Dataset, val_data: Dataset, eval_batch: int) -> dict[str, torch.Tensor]:
+    steps_per_epoch = run.steps_per_epoch
+    if run.step and run.step % steps_per_epoch == 0:
+        # The checkpoint was the last step of an epoch, taken before that epoch's evaluation.
+        run.evaluate(run.step // steps_per_epoch - 1, val_data, eval_batch)
+    for epoch in range(run.step // steps_per_epoch, run.epochs):
+        if run.step >= run.total_steps:
+            break
+        run.train_epoch(epoch, train_data)
+        run.evaluate(epoch, val_data, eval_batch)
+    return run.engine.state_dict()
+
+
+def _resumed(run: Run, step: int | None, what: str) -> str:
+    """``what`` (naming ``{run}``) and where the run continues: after checkpoint ``step``, or from the start."""
+    where = "from the start: it has no checkpoint yet" if step is None else f"after step {step}, its latest checkpoint"
+    return f"{what.format(run=run.checkpoints.run_id)} {where}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _datasets(config: Config, data: tuple[Any, Any] | None) -> tuple[Dataset, Dataset]:
@@ -257,9 +223,3 @@ def _datasets(config: Config, data: tuple[Any, Any] | None) -> tuple[Dataset, Da
         as_dataset(part, input_shape=model.input_shape, num_classes=model.num_classes, what=what)
         for part, what in zip(data, ("training data", "validation data"))
     )
-
-
-def _write(handle: TextIO, record: dict[str, Any]) -> None:
-    # One flushed line per record: a crash loses at most the line being written.
-    handle.write(json.dumps(record) + "\n")
-    handle.flush()

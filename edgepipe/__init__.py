@@ -22,6 +22,8 @@ from __future__ import annotations
 from torch import nn
 
 from cloud_node.servicer import serve
+from edge_node.recovery import RunDirError
+from edge_node.security import LinkSecurity
 from edge_node.worker import EpochReport, StepReport, train
 from edgepipe.progress import TrainingProgress
 from pipeline.blueprint import Blueprint
@@ -37,7 +39,9 @@ __all__ = [
     "DataError",
     "Dataset",
     "EpochReport",
+    "LinkSecurity",
     "Run",
+    "RunDirError",
     "RunFileError",
     "StepReport",
     "TrainingProgress",

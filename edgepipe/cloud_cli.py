@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve the middle layers of a split CNN to edge workers over gRPC. "
         "Checks the whole configuration at start, prints 'edgepipe-cloud listening on HOST:PORT' once "
         "ready and serves until SIGTERM or Ctrl-C. Exit codes: 0 stopped, 2 bad configuration, address, "
-        "credentials or edges file.",
+        "credentials, edges file or state directory.",
     )
     parser.add_argument("--config", required=True, help="partition configuration file (TOML), the same the edges use")
     parser.add_argument("--listen", default="127.0.0.1:50051",
@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="server threads (default: two per session plus a reserve for other calls)")
     parser.add_argument("--session-idle-seconds", type=positive(float), default=DEFAULT_SESSION_IDLE_SECONDS,
                         help="close a session no call has used for this long (default %(default)g)")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="keep each run's checkpoints in DIR/<edge>/<run id>/, so that edges can resume runs, "
+                        "also after this cloud restarts with the same DIR (without it checkpoint steps are refused)")
     parser.add_argument("--threads", type=positive(int), default=None,
                         help="torch threads (default: torch's choice; use 1 when edge and cloud share a small machine)")
     parser.add_argument("--verbose", action="store_true", help="log sessions and steps")
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         server, port, _ = serve(
             config, args.listen, credentials=credentials, edges=edges, max_sessions=args.max_sessions,
             workers=args.workers, session_idle_seconds=args.session_idle_seconds, allow_insecure=args.insecure,
+            state_dir=args.state_dir,
         )
     except (ConfigError, ValueError, OSError) as exc:
         # ConfigError and TrustError are ValueErrors; so is a --workers too small for --max-sessions.

@@ -1,6 +1,7 @@
 """The embedded default run: a cloud server and an edge worker on loopback, trained on digits."""
 from __future__ import annotations
 
+import shutil
 import tomllib
 from pathlib import Path
 
@@ -66,10 +67,15 @@ def run_demo(run_dir: Path, epochs: int | None = None) -> int:
         f"{config.partition.edge_head} head + {config.partition.edge_tail} tail layers on the edge, "
         f"{config.partition.chunks} micro-batches; run directory {run_dir}"
     )
-    cloud, address = start_cloud(config_path)
+    # The demo owns its directory: each run starts afresh, the cloud keeping its checkpoints inside.
+    state_dir = run_dir / "cloud-state"
+    shutil.rmtree(state_dir, ignore_errors=True)
+    cloud, address = start_cloud(config_path, extra=["--state-dir", str(state_dir)])
     console.print(f"cloud server up at {address}; training (progress on stderr)...")
     try:
-        code = run_edge(edge_command(config_path, cloud=address, run_dir=run_dir, name="demo-edge", epochs=epochs))
+        command = edge_command(config_path, cloud=address, run_dir=run_dir, name="demo-edge", epochs=epochs,
+                               extra=["--overwrite"])
+        code = run_edge(command)
     finally:
         stop(cloud)
     if code != 0:

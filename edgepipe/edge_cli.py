@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 
 from edge_node.link import LinkError, LinkSecurity
+from edge_node.recovery import RunDirError
 from edge_node.worker import train
 from edgepipe.arguments import positive
 from edgepipe.process import configure_process
@@ -25,15 +28,23 @@ def _parser() -> argparse.ArgumentParser:
         prog="edgepipe-edge",
         description="Train a CNN split between this edge and an edgepipe cloud server "
         "(or, with --local, the same training in one process as a reference). "
-        "Writes metrics.jsonl, summary.json and model.pt into --run-dir. "
+        "Writes metrics.jsonl, checkpoints/, summary.json and model.pt into --run-dir; a run stopped "
+        "by a crash, Ctrl-C or SIGTERM continues from its latest checkpoint with --resume, and a cloud lost "
+        "in mid-run is reconnected to for up to [link] reconnect_seconds. "
         "Exit codes: 0 trained, 1 the cloud failed or refused, 2 bad configuration, security flags, data or "
-        "run directory.",
+        "run directory, 130 interrupted.",
     )
     parser.add_argument("--config", required=True, help="partition configuration file (TOML), the same the cloud uses")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--cloud", metavar="HOST:PORT", help="address the cloud server printed when it started")
     where.add_argument("--local", action="store_true", help="train in this process with no network: the reference run")
-    parser.add_argument("--run-dir", required=True, help="directory for metrics.jsonl, summary.json and model.pt")
+    parser.add_argument("--run-dir", required=True,
+                        help="directory for metrics.jsonl, checkpoints/, summary.json and model.pt")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --run-dir from its latest checkpoint (same configuration and flags)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="remove the run already in --run-dir (metrics, summary, model, checkpoints, trace) first")
     parser.add_argument("--epochs", type=positive(int), default=None, help="override train.epochs")
     parser.add_argument("--max-steps", type=positive(int), default=None, help="stop after this many optimizer steps")
     parser.add_argument("--threads", type=positive(int), default=None,
@@ -42,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--connect-timeout", type=positive(float), default=10.0, metavar="SECONDS",
                         help="how long to wait for the cloud to answer at start (default %(default)g)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (per-epoch lines are still printed)")
+    parser.add_argument("--trace", metavar="FILE.json", default=None,
+                        help="write a Chrome/Perfetto trace of every split step (edge and cloud spans per "
+                        "micro-batch); RUN_DIR/trace.json is where `edgepipe traffic --timeline` looks")
     _add_security_arguments(parser)
     return parser
 
@@ -105,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"edgepipe-edge: {exc}", file=sys.stderr)
             return 2
     configure_process(args.threads)
+    # SIGTERM stops the run as Ctrl-C does, so that its summary says it was interrupted.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return _train(args, security)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train(args: argparse.Namespace, security: LinkSecurity | None) -> int:
     try:
         config = load_config(args.config)
         with TrainingProgress(bar=not args.no_progress) as progress:
@@ -119,8 +142,12 @@ def main(argv: list[str] | None = None) -> int:
                 security=security,
                 on_step=progress.on_step,
                 on_epoch=progress.on_epoch,
+                trace=args.trace,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                on_link=_report,
             )
-    except (ConfigError, DataError, TrustError) as exc:
+    except (ConfigError, DataError, TrustError, RunDirError) as exc:
         print(f"edgepipe-edge: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -130,13 +157,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edgepipe-edge: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("edgepipe-edge: interrupted; metrics.jsonl holds the steps done so far", file=sys.stderr)
+        print("edgepipe-edge: interrupted; run it again with --resume to continue from the latest checkpoint",
+              file=sys.stderr)
         return 130
     print(
         f"edgepipe-edge: {summary['steps']} steps in {summary['wall_seconds']:.1f} s, "
         f"final val_accuracy {summary['final_val_accuracy']:.4f}; wrote {args.run_dir}/model.pt"
     )
     return 0
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _report(message: str) -> None:
+    """Print what happened to the run or the link (a progress bar, if any, stays below it)."""
+    print(f"edgepipe-edge: {message}", file=sys.stderr, flush=True)
 
 
 def _os_reason(exc: OSError) -> str:

@@ -15,6 +15,7 @@ from cloud_node.servicer import CloudServicer, serve
 from pipeline import trust
 from pipeline.blueprint import Blueprint
 from pipeline.config import Config, parse_config
+from tests.run_dirs import trained_run
 
 #: The name in the test cloud's certificate; clients dial 127.0.0.1 and check this name instead.
 CLOUD_NAME = "cloud.test"
@@ -181,3 +182,15 @@ def recording_cloud() -> Iterator[Callable[[Config], tuple[str, RecordingService
     yield start
     for server in servers:
         server.stop(None)
+
+
+@pytest.fixture(scope="session")
+def split_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished split run (tests.run_dirs), trained once per test session; copy it to change it."""
+    return trained_run(tmp_path_factory, "split")
+
+
+@pytest.fixture(scope="session")
+def local_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished --local run of the same configuration."""
+    return trained_run(tmp_path_factory, "local")

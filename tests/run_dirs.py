@@ -38,15 +38,15 @@ def trained_run(factory: pytest.TempPathFactory, mode: str) -> Path:
     directory, so the second module to ask reuses them.  Tests that change files copy them first.
     """
     run_dir = factory.getbasetemp() / f"edgepipe-{mode}-run"
-    if (run_dir / "summary.json").exists():
+    if (run_dir / "summary.json").exists() and summary(run_dir).get("status") == "completed":
         return run_dir
     config = run_config()
     if mode == "local":
-        train(config, run_dir=run_dir, max_steps=MAX_STEPS)
+        train(config, run_dir=run_dir, max_steps=MAX_STEPS, overwrite=True)
         return run_dir
     server, port, _ = serve(config, "127.0.0.1:0")
     try:
-        train(config, run_dir=run_dir, cloud=f"127.0.0.1:{port}", max_steps=MAX_STEPS)
+        train(config, run_dir=run_dir, cloud=f"127.0.0.1:{port}", max_steps=MAX_STEPS, overwrite=True)
     finally:
         server.stop(None)
     return run_dir

@@ -11,17 +11,7 @@ from pipeline.accounting import epoch_traffic, freeze_savings, uplink_codec_use
 from pipeline.models import build_model
 from pipeline.partition import make_cuts, profile
 from pipeline.runs import RunFileError, load_run
-from tests.run_dirs import FREEZE_STEP, MAX_STEPS, copy_run, records, run_config, summary, trained_run
-
-
-@pytest.fixture(scope="module")
-def split_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_run(tmp_path_factory, "split")
-
-
-@pytest.fixture(scope="module")
-def local_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_run(tmp_path_factory, "local")
+from tests.run_dirs import FREEZE_STEP, MAX_STEPS, copy_run, records, run_config, summary
 
 
 def test_one_row_per_epoch_and_the_total_is_the_summary(split_dir: Path) -> None:

@@ -10,17 +10,7 @@ from edgepipe.cli import main as edgepipe_main
 from edgepipe.plots import PlotError, plot_traffic, traffic_figure
 from pipeline.accounting import epoch_traffic
 from pipeline.runs import load_run
-from tests.run_dirs import FREEZE_STEP, trained_run
-
-
-@pytest.fixture(scope="module")
-def split_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_run(tmp_path_factory, "split")
-
-
-@pytest.fixture(scope="module")
-def local_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_run(tmp_path_factory, "local")
+from tests.run_dirs import FREEZE_STEP
 
 
 @pytest.fixture(scope="module")

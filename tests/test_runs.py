@@ -8,12 +8,7 @@ import pytest
 
 from pipeline.runs import ByKind, FreezeEvent, KindCounts, RunFileError, load_run
 from pipeline.traffic import KINDS
-from tests.run_dirs import FREEZE_STEP, MAX_STEPS, copy_run, records, summary, trained_run
-
-
-@pytest.fixture(scope="module")
-def split_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_run(tmp_path_factory, "split")
+from tests.run_dirs import FREEZE_STEP, MAX_STEPS, copy_run, records, summary
 
 
 def _rewrite_step(copy: Path, index: int, change) -> None:

@@ -14,6 +14,7 @@ from edgepipe.tables import (
     format_count,
     format_mib,
     partition_table,
+    phase_table,
     render_report,
     traffic_table,
 )
@@ -22,17 +23,7 @@ from pipeline.models import build_model, layer_names
 from pipeline.partition import link_crossings, make_cuts, profile
 from pipeline.runs import load_run
 from tests.conftest import SMALL_TOML
-from tests.run_dirs import FREEZE_STEP, MAX_STEPS, copy_run, records, run_config, summary, trained_run
-
-
-@pytest.fixture(scope="module")
-def split_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_run(tmp_path_factory, "split")
-
-
-@pytest.fixture(scope="module")
-def local_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_run(tmp_path_factory, "local")
+from tests.run_dirs import FREEZE_STEP, MAX_STEPS, copy_run, records, run_config, summary
 
 
 def _text(renderable) -> str:
@@ -191,3 +182,16 @@ def test_partition_show_prints_the_link_bytes_of_the_configured_codecs(tmp_path:
     assert "── cut 1: downlink gradient [8, 8, 8] = 2.0 KiB/sample, while the head trains ──" in out
     assert "── cut 2: downlink activation [256] = 512 B/sample fp16 (1.0 KiB fp32) ──" in out
     assert "── cut 2: uplink gradient [256] = 1.0 KiB/sample, while the cloud trains ──" in out
+
+
+def test_the_ledger_says_what_the_bytes_were_for(split_dir: Path) -> None:
+    traffic = summary(split_dir)["traffic"]
+    phases = traffic["by_phase"]
+    assert set(phases) == {"handshake", "training", "evaluation", "weights"}
+    for direction in ("uplink_bytes", "downlink_bytes"):
+        assert sum(p[direction] for p in phases.values()) == traffic[direction]
+        assert all(p[direction] > 0 for p in phases.values()), phases
+    steps = records(split_dir)
+    training = sum(r["uplink_bytes"] for r in steps if "step" in r)
+    assert phases["training"]["uplink_bytes"] == training
+    assert "evaluation" in _text(phase_table(load_run(split_dir)))
