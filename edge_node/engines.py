@@ -84,6 +84,11 @@ class _Step:
         return index
 
 
+#: Activations sent whose outputs have not come back, at most: two keep the cloud busy (one being
+#: computed, one queued) while leaving the uplink free for the gradients between them.
+_IN_FLIGHT = 2
+
+
 class SplitEngine:
     """Edge head and tail here, the middle on the cloud; one gRPC stream per step.
 
@@ -202,8 +207,11 @@ class SplitEngine:
         outputs = 0 if self._loss_on_cloud else chunks
         head_gradients = chunks if self._head_trains else 0
         while run.sent < chunks or len(run.losses) < outputs or len(run.head_gradients) < head_gradients:
-            # What came back goes first, so gradients travel while later activations do.
-            if run.sent < chunks:
+            # What came back goes first, so gradients travel while later activations do; and no
+            # more than _IN_FLIGHT activations wait for their outputs, because the link is one
+            # stream: a gradient sent behind every queued activation would wait for all of them.
+            may_send = run.sent < chunks and (not outputs or run.sent - len(run.losses) < _IN_FLIGHT)
+            if may_send:
                 frame = run.call.poll()
             else:
                 with run.timeline.span("wait"):
