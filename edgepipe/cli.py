@@ -1,4 +1,4 @@
-"""The ``edgepipe`` command: the demo, the partition table and the traffic report."""
+"""The ``edgepipe`` command: the demo, partitions (show, profile, plan), traffic, the link emulator, tokens."""
 from __future__ import annotations
 
 import argparse
@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, ModelError, PartitionError, DataError, RunFileError, PlotError, TraceError, RuntimeError, OSError) as exc:
+    except (
+        ConfigError, ModelError, PartitionError, DataError, RunFileError, PlotError, TraceError, RuntimeError, OSError
+    ) as exc:
         print(f"edgepipe: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
