@@ -16,6 +16,7 @@ __all__ = [
     "LaunchError",
     "cloud_command",
     "edge_command",
+    "node_env",
     "run_edge",
     "start_cloud",
     "stop",
@@ -109,10 +110,12 @@ def start_cloud(
     timeout: float = 120.0,
     cwd: str | Path | None = None,
     extra: Sequence[str] = (),
+    code_dir: str | Path | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
     """Start a cloud server on a free loopback port; return it and the ``HOST:PORT`` it printed.
 
-    ``extra`` is appended to its command line (see :func:`cloud_command`). Its stderr goes to
+    ``extra`` is appended to its command line (see :func:`cloud_command`); ``code_dir`` runs
+    another checkout's code (see :func:`node_env`). Its stderr goes to
     the file ``stderr`` (created or truncated), or to this process's stderr when None. A server
     that has not printed its address within ``timeout`` seconds is killed. Raises
     :class:`LaunchError` (with the tail of the log) when the server does not start; the caller
@@ -120,10 +123,10 @@ def start_cloud(
     """
     cmd = cloud_command(config_path, threads=threads, extra=extra)
     if stderr is None:
-        cloud = _popen(cmd, stdout=subprocess.PIPE, stderr=None, cwd=cwd)
+        cloud = _popen(cmd, stdout=subprocess.PIPE, stderr=None, cwd=cwd, code_dir=code_dir)
     else:
         with Path(stderr).open("w", encoding="utf-8") as err:
-            cloud = _popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=cwd)
+            cloud = _popen(cmd, stdout=subprocess.PIPE, stderr=err, cwd=cwd, code_dir=code_dir)
     # The first line names the address; a timer kills a server that never gets there.
     timer = threading.Timer(timeout, cloud.kill)
     timer.start()
@@ -147,18 +150,19 @@ def run_edge(
     log: str | Path | None = None,
     timeout: float | None = None,
     cwd: str | Path | None = None,
+    code_dir: str | Path | None = None,
 ) -> int:
     """Run an edge worker (see :func:`edge_command`) to completion; return its exit code.
 
     Its stdout and stderr go to the file ``log`` (created or truncated), or to this process's
-    when None. Past ``timeout`` seconds it is stopped and :class:`LaunchError` raised with the
+    when None; ``code_dir`` runs another checkout's code (see :func:`node_env`). Past ``timeout`` seconds it is stopped and :class:`LaunchError` raised with the
     tail of the log; on any other exception (Ctrl-C included) it is stopped too.
     """
     if log is None:
-        edge = _popen(command, stdout=None, stderr=None, cwd=cwd)
+        edge = _popen(command, stdout=None, stderr=None, cwd=cwd, code_dir=code_dir)
     else:
         with Path(log).open("w", encoding="utf-8") as out:
-            edge = _popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+            edge = _popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, code_dir=code_dir)
     try:
         return edge.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -171,15 +175,15 @@ def run_edge(
 
 
 def _popen(cmd: Sequence[str], *, stdout: int | IO[str] | None, stderr: int | IO[str] | None,
-           cwd: str | Path | None) -> subprocess.Popen[str]:
-    return subprocess.Popen(list(cmd), stdout=stdout, stderr=stderr, text=True, cwd=cwd, env=_node_env())
+           cwd: str | Path | None, code_dir: str | Path | None) -> subprocess.Popen[str]:
+    return subprocess.Popen(list(cmd), stdout=stdout, stderr=stderr, text=True, cwd=cwd, env=node_env(code_dir))
 
 
-def _node_env() -> dict[str, str]:
-    """This environment, with the packages' directory first on PYTHONPATH unless it is a site
-    directory: ``python -m cloud_node`` then runs the same code as this process from any directory."""
+def node_env(code_dir: str | Path | None = None) -> dict[str, str]:
+    """This environment, with the packages' directory (``code_dir``, or this code's) first on
+    PYTHONPATH unless it is a site directory: a node then runs that code from any directory."""
     env = os.environ.copy()
-    root = os.path.realpath(_ROOT)
+    root = os.path.realpath(_ROOT if code_dir is None else code_dir)
     site_dirs = {os.path.realpath(d) for d in (*site.getsitepackages(), site.getusersitepackages())}
     if root not in site_dirs:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)

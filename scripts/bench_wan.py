@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 import tomli_w
 from rich.table import Table
 
-from edgepipe.launch import CLOUD_READY_PREFIX, LaunchError, cloud_command, edge_command, stop, tail
+from edgepipe.launch import LaunchError, edge_command, node_env, run_edge, start_cloud, stop, tail
 from edgepipe.link_emulator import LinkEmulator, LinkSettings
 from edgepipe.split_run import demo_config, publish, report_console, write_report
 from pipeline.config import Config, parse_config
@@ -174,13 +173,6 @@ def snapshot(source: Path, target: Path) -> str:
     return digest.hexdigest()
 
 
-def node_env(code_dir: Path) -> dict[str, str]:
-    """This environment with ``code_dir`` first on PYTHONPATH: the nodes import that checkout's code."""
-    env = os.environ.copy()
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code_dir), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 _IMPORT_CHECK = ("import json, edgepipe, edgepipe.cloud_cli, edgepipe.edge_cli, pipeline, edge_node, cloud_node; "
                  "print(json.dumps({m.__name__: m.__file__ for m in (edgepipe, edgepipe.cloud_cli, edgepipe.edge_cli, "
                  "pipeline, edge_node, cloud_node)}))")
@@ -201,25 +193,6 @@ def check_imports(code_dir: Path) -> dict[str, str]:
     return files
 
 
-def _start_cloud(code_dir: Path, config_path: Path, log: Path, threads: int, timeout: float,
-                 ) -> tuple[subprocess.Popen[str], str]:
-    with log.open("w", encoding="utf-8") as err:
-        cloud = subprocess.Popen(cloud_command(config_path, threads=threads), stdout=subprocess.PIPE, stderr=err,
-                                 text=True, cwd=code_dir, env=node_env(code_dir))
-    timer = threading.Timer(timeout, cloud.kill)
-    timer.start()
-    try:
-        line = cloud.stdout.readline() if cloud.stdout else ""
-    except BaseException:
-        stop(cloud)
-        raise
-    finally:
-        timer.cancel()
-    if not line.startswith(CLOUD_READY_PREFIX):
-        raise LaunchError(f"the cloud server did not start (exit code {stop(cloud)}):\n{tail(log)}")
-    return cloud, line.removeprefix(CLOUD_READY_PREFIX).strip()
-
-
 def run_nodes(code_dir: Path, config_path: Path, work: Path, settings: LinkSettings | None,
               args: argparse.Namespace) -> tuple[Path, dict[str, Any] | None, float]:
     """Train ``args.steps`` steps with the code of ``code_dir``: a cloud process, the emulator (when
@@ -227,7 +200,8 @@ def run_nodes(code_dir: Path, config_path: Path, work: Path, settings: LinkSetti
     work.mkdir(parents=True, exist_ok=True)
     run_dir, edge_log = work / "run", work / "edge.log"
     started = time.perf_counter()
-    cloud, address = _start_cloud(code_dir, config_path, work / "cloud.log", args.threads, args.run_timeout)
+    cloud, address = start_cloud(config_path, threads=args.threads, stderr=work / "cloud.log",
+                                 timeout=args.run_timeout, cwd=code_dir, code_dir=code_dir)
     emulator = None
     report = None
     try:
@@ -238,17 +212,7 @@ def run_nodes(code_dir: Path, config_path: Path, work: Path, settings: LinkSetti
             target = f"{host}:{port}"
         command = edge_command(config_path, cloud=target, run_dir=run_dir, threads=args.threads,
                                max_steps=args.steps, progress=False)
-        with edge_log.open("w", encoding="utf-8") as out:
-            edge = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=code_dir,
-                                    env=node_env(code_dir))
-        try:
-            code = edge.wait(timeout=args.run_timeout)
-        except subprocess.TimeoutExpired:
-            stop(edge)
-            raise LaunchError(f"the edge worker ran past {args.run_timeout:.0f} s:\n{tail(edge_log)}") from None
-        except BaseException:
-            stop(edge)
-            raise
+        code = run_edge(command, log=edge_log, timeout=args.run_timeout, cwd=code_dir, code_dir=code_dir)
     finally:
         if emulator is not None:
             report = emulator.stop()
