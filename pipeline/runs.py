@@ -79,7 +79,19 @@ class Traffic(_Schema, _Sent):
     by_phase: dict[str, KindCounts] | None = None
 
 
-class StepRecord(_Schema, _Sent):
+class _Timings(_Schema):
+    """The timing columns of a step line, and their totals in summary.json (absent from older runs)."""
+
+    uplink_activation_fp32_bytes: int | None = None
+    edge_backward_seconds: float | None = None
+    cloud_backward_seconds: float | None = None
+    edge_encode_seconds: float | None = None
+    edge_decode_seconds: float | None = None
+    cloud_encode_seconds: float | None = None
+    cloud_decode_seconds: float | None = None
+
+
+class StepRecord(_Timings, _Sent):
     """One training step line of metrics.jsonl (timing columns are absent from older runs)."""
 
     step: int
@@ -91,13 +103,6 @@ class StepRecord(_Schema, _Sent):
     loss: float | None = None
     lr: float | None = None
     step_seconds: float | None = None
-    uplink_activation_fp32_bytes: int | None = None
-    edge_backward_seconds: float | None = None
-    cloud_backward_seconds: float | None = None
-    edge_encode_seconds: float | None = None
-    edge_decode_seconds: float | None = None
-    cloud_encode_seconds: float | None = None
-    cloud_decode_seconds: float | None = None
 
 
 class EvalRecord(_Schema, _Sent):
@@ -117,7 +122,7 @@ class FreezeEvent(_Schema):
     boundary: int
 
 
-class Summary(_Schema):
+class Summary(_Timings):
     """summary.json: written once, when training ends."""
 
     mode: Literal["split", "local"] = "split"
@@ -127,13 +132,6 @@ class Summary(_Schema):
     final_val_accuracy: float | None = None
     traffic: Traffic
     freeze_events: list[FreezeEvent]
-    uplink_activation_fp32_bytes: int | None = None
-    edge_backward_seconds: float | None = None
-    cloud_backward_seconds: float | None = None
-    edge_encode_seconds: float | None = None
-    edge_decode_seconds: float | None = None
-    cloud_encode_seconds: float | None = None
-    cloud_decode_seconds: float | None = None
     config: dict[str, Any] | None = None
 
 
