@@ -6,7 +6,11 @@ import math
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["positive"]
+from pipeline.blueprint import Side
+from pipeline.config import Config
+from pipeline.devices import DEVICE_NAMES, DeviceError, check_device_name
+
+__all__ = ["add_device_argument", "positive", "with_device"]
 
 _Number = TypeVar("_Number", int, float)
 
@@ -25,3 +29,27 @@ def positive(kind: type[_Number]) -> Callable[[str], _Number]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _device_name(text: str) -> str:
+    try:
+        return check_device_name(text)
+    except DeviceError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_device_argument(parser: argparse.ArgumentParser, side: Side) -> None:
+    """``--device``: where this node's stages compute, over ``[side] device`` of the configuration file."""
+    parser.add_argument(
+        "--device", type=_device_name, default=None, metavar="DEVICE",
+        help=f"where this node's layers, optimizer state and received tensors live: {', '.join(DEVICE_NAMES)} "
+        f"(auto: the best this machine has); overrides [{side}] device of the configuration (default cpu)",
+    )
+
+
+def with_device(config: Config, side: Side, device: str | None) -> Config:
+    """``config`` with ``[side] device`` set to ``device`` when it is given: the flag wins over the file."""
+    if device is None:
+        return config
+    # The name was checked when the flag was parsed; availability is checked when the node builds its blueprint.
+    return config.model_copy(update={side: getattr(config, side).model_copy(update={"device": device})})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cloud_node.capacity import DEFAULT_MAX_SESSIONS
 from cloud_node.servicer import DEFAULT_SESSION_IDLE_SECONDS, serve
-from edgepipe.arguments import positive
+from edgepipe.arguments import add_device_argument, positive, with_device
 from edgepipe.process import configure_process
 from pipeline.config import ConfigError, load_config
 from pipeline.trust import is_loopback, load_edges, parse_address, server_credentials
@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                         "also after this cloud restarts with the same DIR (without it checkpoint steps are refused)")
     parser.add_argument("--threads", type=positive(int), default=None,
                         help="torch threads (default: torch's choice; use 1 when edge and cloud share a small machine)")
+    add_device_argument(parser, "cloud")
     parser.add_argument("--verbose", action="store_true", help="log sessions and steps")
     return parser
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     _check_tls_flags(parser, args)
     configure_process(args.threads, verbose=args.verbose)
     try:
-        config = load_config(args.config)
+        config = with_device(load_config(args.config), "cloud", args.device)
         credentials = (
             server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert is not None else None
         )

@@ -10,12 +10,14 @@ from types import FrameType
 
 from edge_node.link import LinkError, LinkSecurity
 from edge_node.recovery import RunDirError
+from edge_node.federation import simulate
 from edge_node.worker import train
-from edgepipe.arguments import positive
+from edgepipe.arguments import add_device_argument, positive, with_device
 from edgepipe.process import configure_process
 from edgepipe.progress import TrainingProgress
-from pipeline.config import ConfigError, load_config
-from pipeline.data import DataError
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.data import DataError, Shard, parse_shard
+from pipeline.federation import FederationError
 from pipeline.trust import TrustError, parse_address
 from pipeline.wire import WireError
 
@@ -49,7 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=positive(int), default=None, help="stop after this many optimizer steps")
     parser.add_argument("--threads", type=positive(int), default=None,
                         help="torch threads (use 1 when edge and cloud share a small machine)")
-    parser.add_argument("--name", default="edge", help="name this edge reports to the cloud")
+    add_device_argument(parser, "edge")
+    parser.add_argument("--name", default="edge",
+                        help="name this edge reports to the cloud (with --edges: the prefix of the edges' names)")
+    federation = parser.add_argument_group(
+        "many edges", "A [federation] configuration trains a group of edges, each on its own data, with one cloud.")
+    federation.add_argument("--shard", type=_shard, metavar="K/N", default=None,
+                            help="train on part K of N equal parts of the training data (each edge its own K)")
+    federation.add_argument("--edges", type=positive(int), metavar="N", default=None,
+                            help="with --local: train the whole federation of N edges in this process, the exact "
+                            "reference of a split-federated run (edge NAME-K on shard K/N)")
+    federation.add_argument("--replay", type=Path, metavar="FILE", default=None,
+                            help="with --edges, splitfed-v2: replay the admission order in FILE (federation.json "
+                            "of an edge of the run)")
     parser.add_argument("--connect-timeout", type=positive(float), default=10.0, metavar="SECONDS",
                         help="how long to wait for the cloud to answer at start (default %(default)g)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (per-epoch lines are still printed)")
@@ -103,10 +117,23 @@ def _security(args: argparse.Namespace) -> LinkSecurity:
     return security
 
 
+def _shard(text: str) -> Shard:
+    try:
+        return parse_shard(text)
+    except DataError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train, exiting 0, or exit non-zero with a one-line reason."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.edges is not None and not args.local:
+        parser.error("--edges trains a federation's one-process reference: it needs --local")
+    if args.edges is not None and (args.shard is not None or args.resume or args.trace):
+        parser.error("--edges shards the data itself and keeps no checkpoints or trace: drop --shard, --resume, --trace")
+    if args.replay is not None and args.edges is None:
+        parser.error("--replay goes with --local --edges N")
     security = None
     if args.cloud is not None:
         try:
@@ -129,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace, security: LinkSecurity | None) -> int:
     try:
-        config = load_config(args.config)
+        config = with_device(load_config(args.config), "edge", args.device)
+        if args.edges is not None:
+            return _simulate(args, config)
         with TrainingProgress(bar=not args.no_progress) as progress:
             summary = train(
                 config,
@@ -146,8 +175,9 @@ def _train(args: argparse.Namespace, security: LinkSecurity | None) -> int:
                 resume=args.resume,
                 overwrite=args.overwrite,
                 on_link=_report,
+                shard=args.shard,
             )
-    except (ConfigError, DataError, TrustError, RunDirError) as exc:
+    except (ConfigError, DataError, TrustError, RunDirError, FederationError) as exc:
         print(f"edgepipe-edge: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -163,6 +193,18 @@ def _train(args: argparse.Namespace, security: LinkSecurity | None) -> int:
     print(
         f"edgepipe-edge: {summary['steps']} steps in {summary['wall_seconds']:.1f} s, "
         f"final val_accuracy {summary['final_val_accuracy']:.4f}; wrote {args.run_dir}/model.pt"
+    )
+    return 0
+
+
+def _simulate(args: argparse.Namespace, config: Config) -> int:
+    """The one-process reference of a federation (errors are reported by the caller)."""
+    summary = simulate(config, edges=args.edges, run_dir=args.run_dir, name=args.name, epochs=args.epochs,
+                       max_steps=args.max_steps, replay=args.replay)
+    print(
+        f"edgepipe-edge: reference of {args.edges} edges ({config.federation.mode}), {summary['steps']} steps in "
+        f"{summary['wall_seconds']:.1f} s, final val_accuracy {summary['final_val_accuracy']:.4f}; "
+        f"wrote {args.run_dir}/model.pt"
     )
     return 0
 

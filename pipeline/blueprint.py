@@ -3,15 +3,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Literal
 
+import torch
 from torch import nn
 
 from pipeline.config import Config, ConfigError
+from pipeline.devices import DeviceError, resolve_device
 from pipeline.models import ModelError, build_configured, build_from_factory
 from pipeline.partition import Cuts, PartitionError, cut_shapes, make_cuts
 from pipeline.skip import SkipPolicy, cac_parameter_layers, make_policy
 
-__all__ = ["Blueprint"]
+__all__ = ["Blueprint", "Side"]
+
+#: The node that builds a blueprint: its section of the configuration names its device.
+Side = Literal["edge", "cloud"]
 
 #: The environment variables of Fujitsu CAC Gradient-Skip that the skip policies read.
 _CAC_PREFIX = "CAC_"
@@ -24,7 +30,10 @@ class Blueprint:
     split, a ``skip`` value out of range for the model, a bad ``CAC_*`` variable, a failing model
     factory) is a one-line :class:`ConfigError` naming the key when a node starts, not at its
     first step. ``factory``, given from Python, builds the model instead of ``[model] name``;
-    it is called with no arguments under the RNG seeded with ``model.seed``.
+    it is called with no arguments under the RNG seeded with ``model.seed``. ``side`` is the
+    node that trains from it: its ``[edge]`` or ``[cloud]`` device is resolved now (a device
+    this machine lacks is a ConfigError naming it and the devices there are); without a side
+    the stages compute on the CPU.
     """
 
     config: Config
@@ -34,9 +43,13 @@ class Blueprint:
     cuts: Cuts
     uplink_shape: tuple[int, ...]  # per sample, what crosses cut 1 (the middle's input)
     downlink_shape: tuple[int, ...]  # per sample, what crosses cut 2 (the middle's output)
+    device: torch.device  # where the side's stages, their optimizer state and received tensors live
 
-    def __init__(self, config: Config, factory: Callable[[], nn.Sequential] | None = None) -> None:
+    def __init__(
+        self, config: Config, factory: Callable[[], nn.Sequential] | None = None, *, side: Side | None = None
+    ) -> None:
         self.config = config
+        self.device = _device(config, side)
         self.model = _build(config, factory)
         self.num_layers = len(self.model)
         try:
@@ -74,6 +87,16 @@ def _build(config: Config, factory: Callable[[], nn.Sequential] | None) -> nn.Se
         return build_from_factory(factory, _label(factory), seed=config.model.seed)
     except ModelError as exc:  # a factory's message names the factory
         raise ConfigError(str(exc) if factory else f"model.name = {config.model.name!r}: {exc}") from None
+
+
+def _device(config: Config, side: Side | None) -> torch.device:
+    if side is None:
+        return torch.device("cpu")
+    name = getattr(config, side).device
+    try:
+        return resolve_device(name)
+    except DeviceError as exc:
+        raise ConfigError(f"{side}.device = {name!r}: {exc}") from None
 
 
 def _cuts(config: Config, num_layers: int) -> Cuts:

@@ -11,6 +11,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from pipeline.devices import to_host
+
 __all__ = [
     "count_lines",
     "fsync_directory",
@@ -60,7 +62,8 @@ def write_atomically(
 
 
 def save_state(state: dict[str, Any], path: str | Path) -> None:
-    """Save a state dict (tensors, numbers, strings, nested dicts) atomically."""
+    """Save a state dict (tensors, numbers, strings, nested dicts) atomically, its tensors as CPU copies."""
+    state = to_host(state)  # device-neutral: the file loads on any machine
     write_atomically(Path(path), lambda handle: torch.save(state, handle))
 
 

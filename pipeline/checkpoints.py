@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.checkpoint import fsync_directory, write_atomically
+from pipeline.devices import to_host
 
 __all__ = [
     "PAUSE_ENV",
@@ -195,12 +196,14 @@ class CheckpointStore:
 
         ``tensors`` is a dict of tensors, numbers, strings, None, and lists or dicts of them
         (a state dict, an optimizer's state dict); anything else is refused before a byte is
-        written. ``step`` must be newer than every checkpoint already here.
+        written. ``step`` must be newer than every checkpoint already here. Tensors are saved as
+        CPU copies, so that a checkpoint of any device loads on any machine.
         """
         _check_step(step)
         if type(tensors) not in _MAPPINGS:
             raise CheckpointError(f"checkpoint tensors must be a dict, not {type(tensors).__name__}")
         _check_tensors(tensors, "tensors")
+        tensors = to_host(tensors)
         _check_meta(meta)
         with self._locked(wait=True):
             self._clean_leftovers()

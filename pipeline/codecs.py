@@ -97,7 +97,10 @@ def encode(
     gradients symmetric. Tensors with ``ndim >= 2`` and at least :data:`MIN_CHANNEL_ELEMENTS`
     elements per channel (axis 1) get one scale per channel, others one per tensor. ``generator``
     drives int8-sr's stochastic rounding and is ignored by the other codecs. fp32 and bf16 carry
-    nan/inf through; the codecs that compute a scale refuse them.
+    nan/inf through; the codecs that compute a scale refuse them. The tensor is encoded on its own
+    device and only the encoded values are copied to the host (int8 as int8; int4 as one nibble a
+    byte, packed on the host); int8-sr's uniform draws come from ``generator`` wherever it lives
+    and are copied to the tensor's device.
     """
     names = codec_names(role)
     if codec not in names:
@@ -113,39 +116,44 @@ def encode(
             f"cannot encode shape {list(shape)}: a tensor needs 1 to {MAX_NUMEL} elements "
             f"and at most {MAX_NDIM} dimensions"
         )
-    x = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    x = tensor.detach().to(dtype=torch.float32).contiguous()
     if codec == "fp32":
-        return Encoded(codec, shape, x.numpy().tobytes())
+        return Encoded(codec, shape, x.cpu().numpy().tobytes())
     if codec == "bf16":
         # numpy has no bfloat16: ship the bit patterns as int16.
-        return Encoded(codec, shape, x.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+        return Encoded(codec, shape, x.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
     if codec == "fp16":
         return _encode_fp16(x, shape)
     return _encode_int(x, shape, codec, affine=role == "activation", generator=generator)
 
 
-def decode(encoded: Encoded) -> torch.Tensor:
-    """Validate ``encoded`` completely, then decode it to a new float32, contiguous, writable tensor."""
+def decode(encoded: Encoded, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Validate ``encoded`` completely, then decode it to a new float32, contiguous, writable tensor on ``device``.
+
+    Only the encoded values are copied to the device (int8 as int8; int4 as one nibble a byte,
+    unpacked on the host); the rest of the decoding runs there.
+    """
     shape, numel, scale, zero_point = _validate(encoded)
     codec = encoded.codec
     if codec == "fp32":
         # The one copy that makes the tensor writable (frombuffer on bytes would be read-only).
-        return _writable(encoded.data, torch.float32).view(shape)
+        return _writable(encoded.data, torch.float32).to(device).view(shape)
     if codec == "bf16":
-        return _writable(encoded.data, torch.bfloat16).float().view(shape)
+        return _writable(encoded.data, torch.bfloat16).to(device).float().view(shape)
     if codec == "fp16":
-        out = _writable(encoded.data, torch.float16).float()
+        out = _writable(encoded.data, torch.float16).to(device).float()
         if scale[0] != 1.0:
             out.mul_(float(scale[0]))
         return out.view(shape)
     if codec == "int4":
-        out = _unpack_int4(encoded.data)[:numel]
+        values = _unpack_int4(encoded.data)[:numel]
     else:
-        out = torch.from_numpy(np.frombuffer(encoded.data, dtype=np.int8).astype(np.float32))
+        values = _writable(encoded.data, torch.int8)
+    out = values.to(device, dtype=torch.float32)
     view, _, param_shape = _grouped(out, shape, encoded.channel_axis if scale.size > 1 else None)
     if zero_point.size:
-        view.sub_(torch.from_numpy(zero_point).view(param_shape))
-    view.mul_(torch.from_numpy(scale).view(param_shape))
+        view.sub_(torch.from_numpy(zero_point).to(device).view(param_shape))
+    view.mul_(torch.from_numpy(scale).to(device).view(param_shape))
     return out.view(shape)
 
 
@@ -156,7 +164,7 @@ def _encode_fp16(x: torch.Tensor, shape: tuple[int, ...]) -> Encoded:
         raise CodecError("fp16 cannot encode non-finite values; the tensor contains nan or inf")
     shift = 0 if amax == 0.0 else min(_FP16_TOP_EXPONENT - math.frexp(amax)[1], _FP16_MAX_SHIFT)
     scaled = x * 2.0**shift if shift else x
-    return Encoded("fp16", shape, scaled.to(torch.float16).numpy().tobytes(), scale=(2.0**-shift,))
+    return Encoded("fp16", shape, scaled.to(torch.float16).cpu().numpy().tobytes(), scale=(2.0**-shift,))
 
 
 def _encode_int(
@@ -168,9 +176,9 @@ def _encode_int(
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         raise CodecError(f"{codec} cannot encode non-finite values; the tensor contains nan or inf")
     qmin, qmax = _GRID[codec]
-    # Parameters in float64, then rounded once to float32: the wire carries float32, and encode
-    # must quantize with exactly the values decode will see.
-    lo, hi = lo.double(), hi.double()
+    # Parameters in float64 (on the host: not every device has it), then rounded once to float32:
+    # the wire carries float32, and encode must quantize with exactly the values decode will see.
+    lo, hi = lo.cpu().double(), hi.cpu().double()
     if affine:
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)  # the range must hold 0 for zero to be exact
         span, steps, qlow = hi - lo, qmax - qmin, qmin
@@ -179,19 +187,23 @@ def _encode_int(
     # A scale that underflows float32 is raised to the smallest normal float32 so it stays positive;
     # a zero-span channel decodes exactly with any scale, and 1.0 keeps it well away from 0.
     scale = torch.where(span == 0, 1.0, (span / steps).float().clamp(min=_TINY))
-    q = view / scale.view(param_shape)
+    q = view / scale.to(x.device).view(param_shape)
     zero_point = ()
     if affine:
         zp = (qmin - lo / scale.double()).round().clamp(qmin, qmax).float()
-        q.add_(zp.view(param_shape))
+        q.add_(zp.to(x.device).view(param_shape))
         zero_point = tuple(zp.tolist())
     if codec == "int8-sr":
         # floor(y + U[0, 1)) rounds up with probability frac(y): unbiased, error below one step.
-        q.add_(torch.rand(q.shape, generator=generator, dtype=torch.float32)).floor_()
+        # Drawn where the generator lives (the CPU for the nodes' generators): the same numbers on
+        # every device, and a generator state that a checkpoint restores on any machine.
+        at = x.device if generator is None else generator.device
+        q.add_(torch.rand(q.shape, generator=generator, dtype=torch.float32, device=at).to(x.device)).floor_()
     else:
         q.round_()
     q.clamp_(qlow, qmax)
-    data = _pack_int4(q) if codec == "int4" else q.to(torch.int8).numpy().tobytes()
+    q = q.to(torch.int8).cpu()
+    data = _pack_int4(q) if codec == "int4" else q.numpy().tobytes()
     # channel_axis keeps its default 1: it is the channel axis when per-channel, ignored otherwise.
     return Encoded(codec, shape, data, tuple(scale.tolist()), zero_point)
 
@@ -214,7 +226,7 @@ def _grouped(
 
 
 def _pack_int4(q: torch.Tensor) -> bytes:
-    """Pack rounded, clamped float values in [-8, 7] two per byte, first element in the low nibble."""
+    """Pack int8 values in [-8, 7] two per byte, first element in the low nibble."""
     n = q.numel()
     pairs = torch.empty(n + n % 2, dtype=torch.int8)
     pairs[:n] = q.view(-1)
@@ -229,7 +241,7 @@ def _pack_int4(q: torch.Tensor) -> bytes:
 
 
 def _unpack_int4(data: bytes) -> torch.Tensor:
-    """The signed nibbles of ``data`` as float32, low nibble first (2 * len(data) values)."""
+    """The signed nibbles of ``data`` as int8, low nibble first (2 * len(data) values)."""
     words = np.frombuffer(data, dtype=np.uint8).astype(np.int16)
     # Byte b -> int16 whose low byte is b's low nibble and high byte b's high nibble.
     words |= words << 4
@@ -237,7 +249,7 @@ def _unpack_int4(data: bytes) -> torch.Tensor:
     nibbles = words.view(np.int8)
     nibbles ^= 8  # sign-extend 4 bits: (v ^ 8) - 8
     nibbles -= 8
-    return torch.from_numpy(nibbles).float()
+    return torch.from_numpy(nibbles)
 
 
 def _writable(data: bytes, dtype: torch.dtype) -> torch.Tensor:

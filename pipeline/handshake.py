@@ -18,7 +18,11 @@ def architecture(model: nn.Sequential) -> list[list[Any]]:
 
 
 def fingerprint(config: Config, model: nn.Sequential) -> str:
-    """A hash of the agreed configuration and the architecture it builds."""
+    """A hash of the agreed configuration and the architecture it builds.
+
+    The devices are not in it (:meth:`Config.agreed` leaves them out): edge and cloud compute
+    where each has the hardware, and the architecture is that of the untrained model's state.
+    """
     blob = json.dumps([config.agreed(), architecture(model)], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
