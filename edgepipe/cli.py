@@ -1,4 +1,4 @@
-"""The ``edgepipe`` command: the demo, partitions (show, profile, plan), traffic, the link emulator, tokens."""
+"""The ``edgepipe`` command: the demo, partitions (show, profile, plan), traffic, the link emulator, tokens, skip replay."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from edgepipe.link_command import add_link_command
 from edgepipe.plan_command import add_partition_commands
+from edgepipe.skip_command import add_skip_command
 from edgepipe.token_command import add_token_command
 
 if TYPE_CHECKING:
@@ -119,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     traffic.set_defaults(run=_traffic)
     add_link_command(commands)
     add_token_command(commands)
+    add_skip_command(commands)
     return parser
 
 

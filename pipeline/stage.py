@@ -16,11 +16,15 @@ class Stage:
     parameter gradients are kept apart and :meth:`accumulate_gradients` sums them in
     torchgpipe's order (the last micro-batch first), so the result is the same to the last bit
     whatever order the backward passes ran in. The price is one gradient copy per micro-batch.
+
+    ``first_parameter`` is the index in the whole model's ``parameters()`` of the slice's first
+    tensor (0 at offset 0; None when unknown): skip decisions name tensors by that index.
     """
 
-    def __init__(self, layers: nn.Sequential, offset: int) -> None:
+    def __init__(self, layers: nn.Sequential, offset: int, first_parameter: int | None = None) -> None:
         self.layers = layers
         self.offset = offset
+        self.first_parameter = 0 if offset == 0 else first_parameter
         self.boundary = 0
         self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._gradients: dict[int, list[torch.Tensor | None]] = {}

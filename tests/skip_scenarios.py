@@ -4,7 +4,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from pipeline.config import SkipSection
-from pipeline.skip import Decision, LayerStat, SkipPolicy, StepStats, make_policy
+from pipeline.skip import Decision, LayerStat, ParamStat, SkipPolicy, StepStats, make_policy
+
+#: The scenarios' model: layers 0, 2, 4 and 6 hold a convolution (kernel, bias), layer 7 a linear
+#: layer (matrix, bias); tensors 0, 2, 4, 6 are the kernels (CAC's targets), 8 the matrix.
+PARAM_LAYERS = (0, 0, 2, 2, 4, 4, 6, 6, 7, 7)
+KERNEL, MATRIX, BIAS = (2, 2, 3, 3), (3, 2), (2,)
 
 #: cac-auto's sampling in the scenarios: from step 20 on, every 10 steps.
 CAC_START, CAC_SAMPLES = 20, 10
@@ -13,7 +18,7 @@ CAC_CONFIGURED = {"start_step": CAC_START, "samples": CAC_SAMPLES}
 CAC_ENV = {"CAC_VAR_START_ITR": str(CAC_START), "CAC_VAR_SAMPLES": str(CAC_SAMPLES)}
 
 _UNREAD = 1e9  # a variance the policy must never read: as a peak it would stop the next target at once
-# Variance of each layer at sample k (taken after step 19 + 10 k); the last value repeats.
+# Variance of each layer's kernel at sample k (taken after step 19 + 10 k); the last value repeats.
 _VARIANCES = {
     # First target: 1.06 / 1.1 = 0.964 is above start_thr; 1.04 / 1.1 = 0.945 is below (sample 3).
     0: [1.0, 1.1, 1.06, 1.04],
@@ -23,12 +28,12 @@ _VARIANCES = {
     # A slope: first read at once when layer 2 stops (sample 10: 2.2 is the peak), then
     # 2.15 / 2.2 = 0.977 is below slope_thr and above mt_thr; 2.1 / 2.2 = 0.955 later.
     4: [_UNREAD] * 9 + [2.0, 2.2, 2.15, 2.15, 2.1],
-    6: [_UNREAD],  # the cap: never a target
+    6: [_UNREAD],  # the cap (cac-auto's scenarios have 7 layers): never a target
 }
 
 
 def policy(
-    *, num_layers: int = 8, edge_tail: int = 1, epochs: int = 4, param_layers: Sequence[int] = (),
+    *, num_layers: int = 8, edge_tail: int = 1, epochs: int = 4, param_layers: Sequence[int] = PARAM_LAYERS,
     env: Mapping[str, str] | None = None, **skip: object,
 ) -> SkipPolicy:
     """``make_policy`` for a ``[skip]`` section of ``skip`` keys, with an empty environment by default."""
@@ -43,10 +48,18 @@ def policy(
 
 
 def step_stats(
-    step: int, layers: Iterable[LayerStat] = (), *, epoch: int = 0, epoch_end: bool = False
+    step: int, layers: Iterable[LayerStat] = (), *, epoch: int = 0, epoch_end: bool = False, lr: float = 0.1
 ) -> StepStats:
-    """The statistics after ``step`` with base rate 0.1."""
-    return StepStats(step, epoch, epoch_end, 0.1, tuple(layers))
+    """The statistics after ``step`` with base rate ``lr``."""
+    return StepStats(step, epoch, epoch_end, lr, tuple(layers))
+
+
+def layer(index: int, *, conv: bool = True, norm: float = 1.0, variance: float = 1.0,
+          update: float | None = None) -> LayerStat:
+    """Layer ``index`` with a kernel (``conv``) or a matrix of these statistics, and a bias."""
+    bias_update = None if update is None else 0.0
+    return LayerStat.of(index, [ParamStat(KERNEL if conv else MATRIX, norm, variance, update),
+                                ParamStat(BIAS, 0.5, 0.25, bias_update)])
 
 
 def run(skip_policy: SkipPolicy, stats_list: Iterable[StepStats]) -> list[Decision]:
@@ -59,12 +72,13 @@ def boundaries(decisions: list[Decision]) -> list[int]:
     return [d.boundary for d in decisions]
 
 
-def changes(decisions: list[Decision]) -> dict[int, int]:
-    """{step: new boundary} for every step where the boundary differs from the step before."""
+def changes(decisions: list[Decision]) -> dict[int, tuple[int | None, int]]:
+    """{step: (frozen tensors, boundary)} for every step where they differ from the step before."""
     return {
-        step: d.boundary
+        step: (d.frozen_parameters, d.boundary)
         for step, d in enumerate(decisions)
-        if step > 0 and d.boundary != decisions[step - 1].boundary
+        if step > 0 and (d.frozen_parameters, d.boundary) != (decisions[step - 1].frozen_parameters,
+                                                               decisions[step - 1].boundary)
     }
 
 
@@ -82,7 +96,7 @@ def epoch_stats(
         for k in range(steps_per_epoch):
             end = k == steps_per_epoch - 1
             layers = [
-                LayerStat(index, conv, (norms or {}).get(index, 1.0), 1.0, update if end else None)
+                layer(index, conv=conv, norm=(norms or {}).get(index, 1.0), update=update if end else None)
                 for index, (conv, update) in sorted(updates.items())
             ]
             stats.append(step_stats(epoch * steps_per_epoch + k, layers, epoch=epoch, epoch_end=end))
@@ -97,16 +111,16 @@ def norm_ema_epochs(transition_norms: Iterable[tuple[int, float]]) -> list[dict[
     ]
 
 
-def cac_stats(steps: int = 200) -> list[StepStats]:
-    """Steps whose variances, at each cac-auto sample, follow ``_VARIANCES`` (see its comments)."""
+def cac_stats(steps: int = 200, lrs: Sequence[float] | None = None) -> list[StepStats]:
+    """Steps whose kernel variances, at each cac-auto sample, follow ``_VARIANCES`` (see its comments)."""
     stats = []
     for step in range(steps):
         done = step + 1
         sampled = done >= CAC_START and done % CAC_SAMPLES == 0
         k = (done - CAC_START) // CAC_SAMPLES
         layers = [
-            LayerStat(index, True, 1.0, seq[min(k, len(seq) - 1)] if sampled else _UNREAD, None)
+            layer(index, variance=seq[min(k, len(seq) - 1)] if sampled else _UNREAD)
             for index, seq in _VARIANCES.items()
         ]
-        stats.append(step_stats(step, layers))
+        stats.append(step_stats(step, layers, lr=0.1 if lrs is None else lrs[step]))
     return stats

@@ -4,8 +4,11 @@ import json
 
 import pytest
 
+from pipeline.skip import Decision, LayerStat, ParamStat
 from tests.skip_scenarios import (
+    BIAS,
     CAC_CONFIGURED,
+    KERNEL,
     boundaries,
     cac_stats,
     epoch_stats,
@@ -57,6 +60,34 @@ def test_lars_skips_up_to_the_deepest_conv_layer_with_large_nw():
     assert boundaries(decisions) == [0, 0, 0, 1, 1, 1, 3, 3, 3, 3, 3, 3, 3]
 
 
+def test_per_layer_policies_decide_whole_layers():
+    epoch = [{0: (True, 0.1), 2: (True, 0.1), 4: (True, 1.0)}]  # nw 10, 10, 1: layers 0..2 skip
+    decisions = run(policy(policy="lars"), epoch_stats(epoch))
+    # Every tensor of layers 0..2 (0..3 of model.parameters()) is frozen, and the layer boundary is 3.
+    assert decisions[-1] == Decision(3, {}, 4)
+    assert policy(policy="schedule", c1=8).decide(step_stats(0, epoch=3, epoch_end=True)) == Decision(7, {}, 8)
+
+
+def _block(index: int, kernels: list[tuple[float, float]]) -> LayerStat:
+    # A layer holding several convolutions (a MobileNetV2 block): (norm, epoch update norm) per kernel.
+    return LayerStat.of(index, [t for norm, update in kernels
+                                for t in (ParamStat(KERNEL, norm, 1.0, update), ParamStat(BIAS, 0.1, 0.0, 0.0))])
+
+
+@pytest.mark.parametrize(("granularity", "expected"), [("layer", 0), ("conv", 1)])
+def test_lars_conv_granularity_computes_nw_per_convolution_kernel(granularity, expected):
+    # Layer 0's first kernel has nw 10, its second nw 1: over the whole layer
+    # ||w|| / ||dw|| = sqrt(1 + 100) / sqrt(0.01 + 100) = 1.005 is below alpha 2, per kernel 10 is above.
+    stats = step_stats(0, [_block(0, [(1.0, 0.1), (10.0, 10.0)]), _block(2, [(1.0, 1.0)])], epoch_end=True)
+    lars = policy(policy="lars", param_layers=(0, 0, 0, 0, 2, 2), granularity=granularity)
+    assert lars.decide(stats).boundary == expected
+
+
+def test_granularity_is_a_lars_key():
+    with pytest.raises(ValueError, match="granularity"):
+        policy(policy="norm-ema", granularity="conv")
+
+
 def test_lars_alpha_and_cap():
     epoch = [{0: (True, 1.0), 2: (True, 1.0), 4: (True, 0.4)}]  # nw 1, 1, 2.5
     assert run(policy(policy="lars", alpha=4.0), epoch_stats(epoch, norms={0: 3.0}))[-1].boundary == 0
@@ -86,6 +117,15 @@ def test_norm_ema_moves_the_boundary_when_the_update_norm_falls():
     # afresh at 0.02 (the old 0.325 would have shifted at once), then 0.0105: 0.001 < 0.00315 ->
     # shift past layer 2.
     assert boundaries(decisions) == [0, 0, 0, 1, 1, 1, 3]
+
+
+def test_norm_ema_skips_layers_without_weights():
+    # A lone BatchNorm layer reports an update norm (its scale and shift), but has no weights: the
+    # transition layer is the first layer with weights, as without it.
+    lone_norm = LayerStat.of(0, [ParamStat(BIAS, 1.0, 0.0, 0.0), ParamStat(BIAS, 1.0, 0.0, 0.0)])
+    plain = epoch_stats(norm_ema_epochs([(2, 1.0), (2, 0.01)]), steps_per_epoch=1)
+    with_norm = [step_stats(s.step, (lone_norm, *s.layers[1:]), epoch=s.epoch, epoch_end=True) for s in plain]
+    assert boundaries(run(policy(policy="norm-ema", ema=0.5), with_norm)) == [0, 0, 3]
 
 
 def test_norm_ema_shift_and_cap():

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from torch import nn
 
-__all__ = ["cac_manual_stops", "cac_parameter_layers", "env_float", "env_int"]
+__all__ = ["cac_manual_stops", "cac_parameter_layers", "cac_stop_numbers", "env_float", "env_int", "env_samples"]
 
 _Number = TypeVar("_Number", int, float)
 
@@ -39,11 +39,23 @@ def env_int(env: Mapping[str, str], name: str, default: int, minimum: int) -> in
     return _env_number(env, name, default, int, lambda v: v >= minimum, f"an integer >= {minimum}")
 
 
-def env_float(env: Mapping[str, str], name: str, default: float) -> float:
-    """The positive finite number in ``env[name]``, or ``default`` when it is unset."""
+def env_float(env: Mapping[str, str], name: str, default: float, *, positive: bool = True) -> float:
+    """The finite number in ``env[name]`` (positive unless ``positive`` is False), or ``default`` when it is unset."""
+    expected = "a positive finite number" if positive else "a finite number"
     return _env_number(
-        env, name, default, float, lambda v: math.isfinite(v) and v > 0, "a positive finite number"
+        env, name, default, float, lambda v: math.isfinite(v) and (v > 0 or not positive), expected
     )
+
+
+def env_samples(env: Mapping[str, str], configured: int | None, braking: int) -> int:
+    """The sampling interval of cac-auto: ``CAC_VAR_SAMPLES`` when positive, else the configured one,
+    else CAC's default: the braking distance when there is one, 200 otherwise."""
+    value = _env_number(env, "CAC_VAR_SAMPLES", 0, int, lambda v: True, "an integer")
+    if value > 0:
+        return value
+    if configured is not None:
+        return configured
+    return braking if braking > 0 else 200
 
 
 def _env_list(env: Mapping[str, str], name: str) -> list[int]:
@@ -61,34 +73,46 @@ def _env_list(env: Mapping[str, str], name: str) -> list[int]:
     return values
 
 
-def cac_manual_stops(env: Mapping[str, str], param_layers: Sequence[int]) -> list[tuple[int, int]] | None:
-    """The ``(layer, step)`` stops that ``CAC_STOP_LAYER_NUM`` / ``CAC_STOP_LAYER_ITR`` ask for.
+def cac_stop_numbers(env: Mapping[str, str], tensors: int) -> list[int] | None:
+    """The parameter-tensor numbers in ``CAC_STOP_LAYER_NUM``, None when it is unset.
 
-    None when both are unset. CAC numbers parameter tensors: number p names the layer
-    ``param_layers[p]``.
+    Alone, they restrict cac-auto's targets; with ``CAC_STOP_LAYER_ITR`` they are manual stops.
+    CAC numbers tensors of ``model.parameters()`` (``tensors`` of them), not layers.
     """
     numbers = _env_list(env, "CAC_STOP_LAYER_NUM")
-    steps = _env_list(env, "CAC_STOP_LAYER_ITR")
-    if not numbers and not steps:
+    if not numbers:
         return None
-    if not numbers or not steps:
-        have, lack = ("CAC_STOP_LAYER_NUM", "CAC_STOP_LAYER_ITR")[:: 1 if numbers else -1]
+    for number in numbers:
+        if number >= tensors:
+            held = f"0..{tensors - 1}" if tensors else "none"
+            raise ValueError(
+                f"environment variable CAC_STOP_LAYER_NUM names parameter {number}, but the model has "
+                f"parameter tensors {held} (CAC numbers parameters, not layers)"
+            )
+    return numbers
+
+
+def cac_manual_stops(env: Mapping[str, str], tensors: int) -> list[tuple[int, int]] | None:
+    """The ``(tensor, step)`` stops that ``CAC_STOP_LAYER_NUM`` / ``CAC_STOP_LAYER_ITR`` ask for.
+
+    None unless ``CAC_STOP_LAYER_ITR`` is set; then ``CAC_STOP_LAYER_NUM`` must be set too, as
+    long. Number p stops tensors ``0..p`` of ``model.parameters()`` (``tensors`` of them).
+    """
+    steps = _env_list(env, "CAC_STOP_LAYER_ITR")
+    if not steps:
+        return None
+    numbers = cac_stop_numbers(env, tensors)
+    if numbers is None:
         raise ValueError(
-            f"environment variable {have} is set but {lack} is not: set both for manual stops, or neither"
+            "environment variable CAC_STOP_LAYER_ITR is set but CAC_STOP_LAYER_NUM is not: "
+            "set both for manual stops, or CAC_STOP_LAYER_NUM alone to choose cac-auto's targets"
         )
     if len(numbers) != len(steps):
         raise ValueError(
             f"environment variables CAC_STOP_LAYER_NUM ({len(numbers)} values) and "
             f"CAC_STOP_LAYER_ITR ({len(steps)} values) must have the same length"
         )
-    for number in numbers:
-        if number >= len(param_layers):
-            held = f"0..{len(param_layers) - 1}" if param_layers else "none"
-            raise ValueError(
-                f"environment variable CAC_STOP_LAYER_NUM names parameter {number}, but the model has "
-                f"parameter tensors {held} (CAC numbers parameters, not layers)"
-            )
-    return [(param_layers[number], step) for number, step in zip(numbers, steps)]
+    return list(zip(numbers, steps))
 
 
 def cac_parameter_layers(model: nn.Sequential) -> list[int]:

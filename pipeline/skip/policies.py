@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
-from pipeline.skip.decisions import Decision, StepStats
+from pipeline.skip.decisions import Decision, StepStats, layer_boundary, parameters_before
 
 __all__ = ["LarsPolicy", "NonePolicy", "NormEmaPolicy", "SchedulePolicy", "SkipPolicy"]
 
@@ -13,19 +14,32 @@ __all__ = ["LarsPolicy", "NonePolicy", "NormEmaPolicy", "SchedulePolicy", "SkipP
 class SkipPolicy(ABC):
     """A freeze policy: numbers in, :class:`Decision` out; no I/O and no tensors kept.
 
-    Every decision's boundary is at most ``cap``. A subclass lists the attributes that make up
-    its state in ``_STATE``; they must be JSON numbers so checkpoints stay readable.
+    Every decision's boundary is at most ``cap``. ``param_layers`` is the layer of each tensor of
+    ``model.parameters()``: a policy decides whole layers (:meth:`_layers`) or a prefix of tensors
+    (:meth:`_tensors`), and each decision carries both. A subclass lists the attributes that make
+    up its state in ``_STATE``; they must be JSON values so checkpoints stay readable.
     """
 
     name: ClassVar[str]
     _STATE: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, param_layers: Sequence[int]) -> None:
         self.cap = cap
+        self.param_layers = tuple(param_layers)
 
     def initial(self) -> Decision:
         """The decision for step 0."""
-        return Decision(0)
+        return self._layers(0)
+
+    def _layers(self, boundary: int) -> Decision:
+        """Freeze the layers below ``boundary``, whole."""
+        return Decision(boundary, {}, parameters_before(self.param_layers, boundary))
+
+    def _tensors(
+        self, frozen: int, factors: Mapping[int, float] | None = None, bases: Mapping[int, float] | None = None
+    ) -> Decision:
+        """Freeze the first ``frozen`` tensors; slow others by ``factors`` (from ``bases``)."""
+        return Decision(layer_boundary(frozen, self.param_layers, self.cap), factors or {}, frozen, bases or {})
 
     @abstractmethod
     def decide(self, stats: StepStats) -> Decision:
@@ -56,26 +70,33 @@ class NonePolicy(SkipPolicy):
 
     def decide(self, stats: StepStats) -> Decision:
         """Always boundary 0."""
-        return Decision(0)
+        return self._layers(0)
 
 
 class LarsPolicy(SkipPolicy):
-    """Layer skip learning with LARS variables, decided at epoch ends.
+    """Layer skip learning with LARS variables, decided at epoch ends, whole layers at a time.
 
-    For every layer with a convolution, ``nw = weight_norm / epoch_update_norm`` (an update
-    norm of 0 gives infinity). The boundary for the next epoch is 1 + the deepest such layer
-    with ``nw > alpha``; it never moves back. With ``full_every`` K, the epochs K, 2K, 3K, ...
-    (epochs count from 0) train every layer (boundary 0); at the end of such an epoch the
-    boundary is computed afresh from that epoch's statistics alone.
+    ``nw = ||w|| / ||w - w_epoch_start||`` (an update norm of 0 gives infinity), with
+    ``granularity`` "layer": for every layer with a convolution, over all its weights together
+    (:class:`~pipeline.skip.decisions.LayerStat`); "conv": for every convolution kernel on its
+    own, as the paper computes it per convolution layer (a MobileNetV2 block holds three). The
+    boundary for the next epoch is 1 + the deepest layer with an ``nw > alpha``; it never moves
+    back. With ``full_every`` K, the epochs K, 2K, 3K, ... (epochs count from 0) train every
+    layer (boundary 0); at the end of such an epoch the boundary is computed afresh from that
+    epoch's statistics alone.
     """
 
     name = "lars"
     _STATE = ("boundary",)
 
-    def __init__(self, cap: int, *, alpha: float, full_every: int | None) -> None:
-        super().__init__(cap)
+    def __init__(
+        self, cap: int, param_layers: Sequence[int], *, alpha: float, full_every: int | None,
+        granularity: Literal["layer", "conv"] = "layer",
+    ) -> None:
+        super().__init__(cap, param_layers)
         self.alpha = alpha
         self.full_every = full_every
+        self.granularity = granularity
         self.boundary = 0
 
     def decide(self, stats: StepStats) -> Decision:
@@ -85,16 +106,24 @@ class LarsPolicy(SkipPolicy):
                 self.boundary = 0
             else:
                 self.boundary = max(self.boundary, self._skip_point(stats))
-        return Decision(self.boundary)
+        return self._layers(self.boundary)
 
     def _skip_point(self, stats: StepStats) -> int:
         deepest = -1
         for s in stats.layers:
-            if s.has_conv and s.epoch_update_norm is not None:
-                nw = s.weight_norm / s.epoch_update_norm if s.epoch_update_norm > 0 else math.inf
-                if nw > self.alpha:
-                    deepest = max(deepest, s.index)
+            if self.granularity == "conv":
+                measured = [(p.norm, p.update_norm) for p in s.params if p.is_conv and p.update_norm is not None]
+            elif s.has_conv and s.epoch_update_norm is not None:
+                measured = [(s.weight_norm, s.epoch_update_norm)]
+            else:
+                measured = []
+            if any(_nw(norm, update) > self.alpha for norm, update in measured):
+                deepest = max(deepest, s.index)
         return min(deepest + 1, self.cap)
+
+
+def _nw(norm: float, update: float) -> float:
+    return norm / update if update > 0 else math.inf
 
 
 class NormEmaPolicy(SkipPolicy):
@@ -111,8 +140,8 @@ class NormEmaPolicy(SkipPolicy):
     name = "norm-ema"
     _STATE = ("boundary", "layer", "average")
 
-    def __init__(self, cap: int, *, alpha: float, shift: int, ema: float) -> None:
-        super().__init__(cap)
+    def __init__(self, cap: int, param_layers: Sequence[int], *, alpha: float, shift: int, ema: float) -> None:
+        super().__init__(cap, param_layers)
         self.alpha = alpha
         self.shift = shift
         self.ema = ema
@@ -124,13 +153,13 @@ class NormEmaPolicy(SkipPolicy):
         """Move the boundary at an epoch end; keep it otherwise."""
         if stats.epoch_end:
             self._epoch_end(stats)
-        return Decision(self.boundary)
+        return self._layers(self.boundary)
 
     def _epoch_end(self, stats: StepStats) -> None:
         measured = [
             (s.index, s.epoch_update_norm)
             for s in stats.layers
-            if self.boundary <= s.index < self.cap and s.epoch_update_norm is not None
+            if self.boundary <= s.index < self.cap and s.has_weights and s.epoch_update_norm is not None
         ]
         if not measured:
             return
@@ -154,8 +183,8 @@ class SchedulePolicy(SkipPolicy):
 
     name = "schedule"
 
-    def __init__(self, cap: int, *, kind: str, c1: int, c2: int, epochs: int) -> None:
-        super().__init__(cap)
+    def __init__(self, cap: int, param_layers: Sequence[int], *, kind: str, c1: int, c2: int, epochs: int) -> None:
+        super().__init__(cap, param_layers)
         self.kind = kind
         self.c1 = c1
         self.c2 = c2
@@ -163,11 +192,11 @@ class SchedulePolicy(SkipPolicy):
 
     def initial(self) -> Decision:
         """The schedule's boundary with no epoch completed."""
-        return Decision(self._boundary(0))
+        return self._layers(self._boundary(0))
 
     def decide(self, stats: StepStats) -> Decision:
         """The schedule's boundary for the epochs completed after this step."""
-        return Decision(self._boundary(stats.epoch + (1 if stats.epoch_end else 0)))
+        return self._layers(self._boundary(stats.epoch + (1 if stats.epoch_end else 0)))
 
     def _boundary(self, completed: int) -> int:
         span = self.epochs - self.c2
