@@ -96,6 +96,9 @@ def _cloud_handlers(servicer: CloudServicer) -> grpc.GenericRpcHandler:
     def evaluate(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.EvalFrame]:
         return servicer.Evaluate(decoded(requests, pb.EvalFrame, servicer.throttled), context)
 
+    def sync(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[pb.SyncFrame]:
+        return servicer.Sync(decoded(requests, pb.SyncFrame, servicer.throttled), context)
+
     open_ = _unary(servicer, servicer.Open, pb.OpenRequest)
     weights = _unary(servicer, servicer.Weights, pb.SessionRef)
     close = _unary(servicer, servicer.Close, pb.SessionRef)
@@ -111,6 +114,7 @@ def _cloud_handlers(servicer: CloudServicer) -> grpc.GenericRpcHandler:
                 weights, response_serializer=pb.NamedTensor.SerializeToString
             ),
             "Close": grpc.stream_unary_rpc_method_handler(close, response_serializer=pb.CloseReply.SerializeToString),
+            "Sync": grpc.stream_stream_rpc_method_handler(sync, response_serializer=pb.SyncFrame.SerializeToString),
         },
     )
 

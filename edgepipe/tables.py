@@ -8,7 +8,7 @@ from rich.text import Text
 from pipeline.accounting import EpochTraffic, FreezeSavings, epoch_traffic, freeze_savings, uplink_codec_use
 from pipeline.partition import Crossing, Cuts, LayerProfile, PartitionError
 from pipeline.runs import Run
-from pipeline.traffic import KINDS, MIB, PHASES
+from pipeline.traffic import KINDS, MIB, PHASES, SYNC
 
 __all__ = [
     "format_bytes",
@@ -123,7 +123,7 @@ def phase_table(run: Run) -> Table:
     for header in ("phase", "up", "down", "msgs", "share"):
         table.add_column(header, justify="right" if header != "phase" else "left")
     everything = sum(c.uplink_bytes + c.downlink_bytes for c in phases.values()) or 1
-    for phase in PHASES:
+    for phase in (*PHASES, SYNC):
         counts = phases.get(phase)
         if counts is None:
             continue

@@ -90,9 +90,11 @@ def epoch_traffic(run: Run) -> list[EpochTraffic]:
     accuracy: dict[int, float | None] = dict.fromkeys(epochs)
     for record in run.steps:
         step_counts[record.epoch] += 1
-        for kind, counts in record.by_kind.model_dump().items():
+        # A federated run's step lines also hold the round's sync.
+        for kind, counts in record.by_kind.model_dump(exclude_none=True).items():
+            target = kinds[record.epoch].setdefault(kind, dict.fromkeys(_COUNTERS, 0))
             for key in _COUNTERS:
-                kinds[record.epoch][kind][key] += counts[key]
+                target[key] += counts[key]
     for evaluation in run.evals:
         target = kinds[evaluation.epoch]["activation"]
         target["uplink_bytes"] += evaluation.uplink_bytes
@@ -114,8 +116,8 @@ def epoch_traffic(run: Run) -> list[EpochTraffic]:
         EpochTraffic(
             epoch=epoch,
             steps=step_counts[epoch],
-            uplink_bytes=sum(kinds[epoch][k]["uplink_bytes"] for k in KINDS),
-            downlink_bytes=sum(kinds[epoch][k]["downlink_bytes"] for k in KINDS),
+            uplink_bytes=sum(counts["uplink_bytes"] for counts in kinds[epoch].values()),
+            downlink_bytes=sum(counts["downlink_bytes"] for counts in kinds[epoch].values()),
             by_kind=kinds[epoch],
             val_accuracy=accuracy[epoch],
             notes=tuple(notes[epoch]),
@@ -128,11 +130,13 @@ def epoch_traffic(run: Run) -> list[EpochTraffic]:
 def _total(run: Run, rows: list[EpochTraffic]) -> EpochTraffic:
     if run.summary is not None:
         traffic = run.summary.traffic
-        by_kind = traffic.by_kind.model_dump()
+        by_kind = traffic.by_kind.model_dump(exclude_none=True)
         up, down = traffic.uplink_bytes, traffic.downlink_bytes
         final = run.summary.final_val_accuracy
     else:
-        by_kind = {kind: {key: sum(r.by_kind[kind][key] for r in rows) for key in _COUNTERS} for kind in KINDS}
+        present = sorted({kind for r in rows for kind in r.by_kind}, key=lambda k: (k not in KINDS, k))
+        by_kind = {kind: {key: sum(r.by_kind.get(kind, {}).get(key, 0) for r in rows) for key in _COUNTERS}
+                   for kind in present}
         up, down = sum(r.uplink_bytes for r in rows), sum(r.downlink_bytes for r in rows)
         final = rows[-1].val_accuracy if rows else None
     return EpochTraffic(

@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data
 
-__all__ = ["DataError", "Dataset", "as_dataset", "load_dataset", "mini_batches", "training_batches"]
+__all__ = [
+    "DataError", "Dataset", "Shard", "as_dataset", "load_dataset", "mini_batches", "parse_shard", "shard",
+    "training_batches",
+]
 
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -25,11 +28,33 @@ class DataError(ValueError):
 
 
 @dataclass(frozen=True)
+class Shard:
+    """Part ``index`` (1-based) of ``count`` equal parts of a training set."""
+
+    index: int
+    count: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.index <= self.count:
+            raise DataError(f"shard {self.index}/{self.count}: K/N needs 1 <= K <= N")
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
 class Dataset:
-    """Images ``[N, C, H, W]`` (float32) and their labels ``[N]`` (int64)."""
+    """Images ``[N, C, H, W]`` (float32) and their labels ``[N]`` (int64).
+
+    ``augmented``: the data says its images are randomly augmented (a user dataset with an
+    ``augmented = True`` attribute), so a sample is not the same image every time it is seen and
+    ``[link] cache_frozen`` is refused for it. Datasets are read once into memory, so edgepipe
+    itself never augments.
+    """
 
     inputs: torch.Tensor
     labels: torch.Tensor
+    augmented: bool = False
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -64,7 +89,7 @@ def as_dataset(data: Any, *, input_shape: tuple[int, int, int], num_classes: int
         )
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise DataError(f"{what}: labels must lie in [0, {num_classes}) (model.num_classes)")
-    return Dataset(inputs.float().contiguous(), labels.long().contiguous())
+    return Dataset(inputs.float().contiguous(), labels.long().contiguous(), bool(getattr(data, "augmented", False)))
 
 
 def _fit_shape(images: torch.Tensor, input_shape: tuple[int, int, int]) -> torch.Tensor:
@@ -166,15 +191,19 @@ def mini_batches(
     data: Dataset, batch_size: int, *, shuffle_seed: int | None, drop_last: bool
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches in a deterministic order (``shuffle_seed`` None keeps the stored order)."""
-    n = len(data)
+    for index in batch_indices(len(data), batch_size, shuffle_seed=shuffle_seed, drop_last=drop_last):
+        yield data.inputs[index], data.labels[index]
+
+
+def batch_indices(n: int, batch_size: int, *, shuffle_seed: int | None, drop_last: bool) -> Iterator[torch.Tensor]:
+    """The sample indices of each of :func:`mini_batches`' batches over ``n`` samples."""
     if shuffle_seed is None:
         order = torch.arange(n)
     else:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed))
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
-        index = order[start : start + batch_size]
-        yield data.inputs[index], data.labels[index]
+        yield order[start : start + batch_size]
 
 
 def training_batches(data: Dataset, batch_size: int, *, seed: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -182,4 +211,40 @@ def training_batches(data: Dataset, batch_size: int, *, seed: int, epoch: int) -
 
     Every run of the same configuration (split, ``--local``, or a reference) sees this order.
     """
-    return mini_batches(data, batch_size, shuffle_seed=seed * 1000 + epoch, drop_last=True)
+    return mini_batches(data, batch_size, shuffle_seed=_epoch_seed(seed, epoch), drop_last=True)
+
+
+def training_indices(data: Dataset, batch_size: int, *, seed: int, epoch: int) -> Iterator[torch.Tensor]:
+    """The sample indices of :func:`training_batches`' batches, in the same order."""
+    return batch_indices(len(data), batch_size, shuffle_seed=_epoch_seed(seed, epoch), drop_last=True)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 1000 + epoch
+
+
+def parse_shard(text: str) -> Shard:
+    """``"K/N"`` (part K of N, 1-based) as a :class:`Shard`."""
+    index, sep, count = text.partition("/")
+    if not (sep and index.strip().isdigit() and count.strip().isdigit()):
+        raise DataError(f"shard {text!r}: write it as K/N, e.g. 2/3 for the second of three parts")
+    return Shard(int(index), int(count))
+
+
+#: Mixed into the shard permutation's seed, so that shards do not follow the batch order's draws.
+_SHARD_SEED = 7919
+
+
+def shard(data: Dataset, part: Shard, *, seed: int) -> Dataset:
+    """Part ``part`` of ``data``: a seeded permutation cut into ``part.count`` parts of equal size.
+
+    Every edge of a federation computes the same permutation, so the parts are disjoint and
+    together cover the data but for the fewer than ``count`` samples left over; equal sizes
+    give every edge the same number of steps per epoch.
+    """
+    size = len(data) // part.count
+    if size == 0:
+        raise DataError(f"shard {part}: the training set has {len(data)} samples, fewer than {part.count} parts")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed * 1000 + _SHARD_SEED))
+    index = order[(part.index - 1) * size : part.index * size].sort().values
+    return Dataset(data.inputs[index], data.labels[index], data.augmented)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -96,10 +97,15 @@ def layer_names(model: nn.Sequential) -> list[str]:
     return list(model._modules)
 
 
+#: Building seeds torch's one global generator: two threads building at once (edges or sessions
+#: served by one process) would draw from each other's seed.
+_BUILDING = threading.Lock()
+
+
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     # devices=[]: the models are built on the CPU; forking CUDA RNGs would only add cost and warnings.
-    with torch.random.fork_rng(devices=[]):
+    with _BUILDING, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.traffic import DIRECTIONS, KINDS
+from pipeline.traffic import DIRECTIONS, KINDS, SYNC
 
 __all__ = [
     "ByKind",
@@ -62,11 +62,15 @@ class ByKind(_Schema):
     activation: KindCounts
     gradient: KindCounts
     control: KindCounts
+    #: A split-federated run's exchange of weights at round ends (absent from other runs).
+    sync: KindCounts | None = None
 
     def of(self, kind: str) -> KindCounts:
-        """The counts of ``kind``."""
+        """The counts of ``kind`` (``sync``: zero when the run exchanged nothing)."""
+        if kind == SYNC:
+            return self.sync or KindCounts(uplink_bytes=0, downlink_bytes=0, messages=0)
         if kind not in KINDS:
-            raise ValueError(f"unknown traffic kind {kind!r}; expected one of {', '.join(KINDS)}")
+            raise ValueError(f"unknown traffic kind {kind!r}; expected one of {', '.join((*KINDS, SYNC))}")
         return getattr(self, kind)
 
 

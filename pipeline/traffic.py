@@ -5,7 +5,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DIRECTIONS", "KINDS", "MIB", "PHASES", "TrafficCounts", "TrafficMeter"]
+__all__ = ["DIRECTIONS", "KINDS", "MIB", "PHASES", "SYNC", "TrafficCounts", "TrafficMeter"]
 
 #: ``uplink`` is edge -> cloud, ``downlink`` cloud -> edge.
 DIRECTIONS = ("uplink", "downlink")
@@ -14,6 +14,10 @@ KINDS = ("activation", "gradient", "control")
 #: What the bytes were for: opening and closing the session, training steps, evaluation, the
 #: final weight fetch.
 PHASES = ("handshake", "training", "evaluation", "weights")
+#: The kind, and the phase, of a split-federated run's weight exchange (heads and tails up, their
+#: average down). Kept out of KINDS and PHASES, whose every member every run reports: a run
+#: reports ``sync`` only when it exchanged weights, so runs without a federation read as before.
+SYNC = "sync"
 #: Bytes in a mebibyte: traffic is reported in MiB everywhere.
 MIB = 1 << 20
 
@@ -53,7 +57,7 @@ class TrafficCounts:
                     "downlink_bytes": self.total("downlink", kind),
                     "messages": self._messages(kind=kind),
                 }
-                for kind in KINDS
+                for kind in (*KINDS, SYNC) if kind != SYNC or self._messages(kind=SYNC)
             },
         }
         if by_phase:
@@ -63,7 +67,7 @@ class TrafficCounts:
                     "downlink_bytes": self.total("downlink", phase=phase),
                     "messages": self._messages(phase=phase),
                 }
-                for phase in PHASES
+                for phase in (*PHASES, SYNC) if phase != SYNC or self._messages(phase=SYNC)
             }
         return data
 
@@ -78,7 +82,7 @@ class TrafficMeter:
 
     def count(self, direction: str, kind: str, nbytes: int, phase: str = "training") -> None:
         """Record one message of ``nbytes`` serialized bytes."""
-        if direction not in DIRECTIONS or kind not in KINDS or phase not in PHASES:
+        if direction not in DIRECTIONS or kind not in (*KINDS, SYNC) or phase not in (*PHASES, SYNC):
             raise ValueError(f"unknown traffic class {direction}/{kind}/{phase}")
         key = (direction, kind, phase)
         with self._lock:

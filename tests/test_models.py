@@ -3,6 +3,7 @@
 import hashlib
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,17 @@ def test_the_default_configuration_learns_digits(tmp_path):
     # tinycnn, digits, lr 0.05, 3 epochs of batch 64, in one process: about 3 s on one core.
     summary = train(Config(), run_dir=tmp_path / "run")
     assert summary["final_val_accuracy"] >= 0.8
+
+
+def test_threads_building_at_once_get_the_weights_of_one_build():
+    # Edges or sessions served by one process build their models on threads of their own.
+    reference = build_model("mobilenetv2", num_classes=10, input_shape=(3, 32, 32), width=0.25, seed=0).state_dict()
+    states: list[dict[str, torch.Tensor]] = []
+    threads = [threading.Thread(target=lambda: states.append(
+        build_model("mobilenetv2", num_classes=10, input_shape=(3, 32, 32), width=0.25, seed=0).state_dict())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(states) == 4
+    assert all(torch.equal(state[k], reference[k]) for state in states for k in reference)

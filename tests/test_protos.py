@@ -50,6 +50,6 @@ def test_generated_service_has_every_call() -> None:
 
     service = pb.DESCRIPTOR.services_by_name["Cloud"]
     assert pb.DESCRIPTOR.package == "edgepipe.v1"
-    assert {m.name for m in service.methods} == {"Open", "Step", "Evaluate", "Weights", "Close"}
+    assert {m.name for m in service.methods} == {"Open", "Step", "Evaluate", "Weights", "Close", "Sync"}
     step = service.methods_by_name["Step"]
     assert step.client_streaming and step.server_streaming

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.runs import ByKind, FreezeEvent, KindCounts, RunFileError, load_run
-from pipeline.traffic import KINDS
+from pipeline.traffic import KINDS, SYNC
 from tests.run_dirs import FREEZE_STEP, MAX_STEPS, copy_run, records, summary
 
 
@@ -25,14 +25,14 @@ def test_a_run_reads_back_as_its_files_say(split_dir: Path) -> None:
         {k: r[k] for k in ("step", "epoch", "boundary", "uplink_bytes")} for r in lines if "step" in r
     ]
     assert [e.epoch for e in run.evals] == [0, 1, 2]
-    assert run.steps[3].by_kind.model_dump() == next(r for r in lines if r.get("step") == 3)["by_kind"]
-    assert run.summary is not None and run.summary.traffic.model_dump() == summary(split_dir)["traffic"]
+    assert run.steps[3].by_kind.model_dump(exclude_none=True) == next(r for r in lines if r.get("step") == 3)["by_kind"]
+    assert run.summary is not None and run.summary.traffic.model_dump(exclude_none=True) == summary(split_dir)["traffic"]
     assert not run.is_local
     assert run.freeze_events() == [FreezeEvent(step=FREEZE_STEP, boundary=1)]
 
 
 def test_the_kinds_of_the_schema_are_the_ledgers() -> None:
-    assert tuple(ByKind.model_fields) == KINDS
+    assert tuple(ByKind.model_fields) == (*KINDS, SYNC)
     counts = KindCounts(uplink_bytes=3, downlink_bytes=5, messages=1)
     assert (counts.sent("uplink"), counts.sent("downlink")) == (3, 5)
     with pytest.raises(ValueError, match="unknown direction 'sideways'"):

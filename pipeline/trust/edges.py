@@ -24,6 +24,11 @@ _EDGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 _NAME_RULE = "1..64 characters of A-Z a-z 0-9 . _ -, starting with a letter or digit"
 
+
+def is_edge_name(name: str) -> bool:
+    """Whether ``name`` may name an edge (:data:`_NAME_RULE`): safe in a path and a log line."""
+    return bool(_EDGE_NAME.fullmatch(name))
+
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
