@@ -59,8 +59,7 @@ class SavedStep:
     @property
     def decision(self) -> Decision:
         """The decision saved for the step after it."""
-        saved = self.meta["decision"]
-        return Decision(int(saved["boundary"]), {int(layer): float(factor) for layer, factor in saved["lr_factors"]})
+        return Decision.from_json(self.meta["decision"])
 
 
 class CloudCheckpoints:
@@ -122,6 +121,10 @@ class CloudCheckpoints:
                     del self._locks[key]
                 else:
                     self._locks[key] = (lock, users - 1)
+
+    def run_file(self, session: CloudSession, name: str) -> Path | None:
+        """The file ``name`` next to the checkpoints of ``session``'s run; None when the run keeps none here."""
+        return self._path(session.owner, session.run_id) / name if self.keeps(session) else None
 
     def _store(self, identity: str, run_id: str) -> CheckpointStore:
         path = self._path(identity, run_id)
@@ -209,7 +212,6 @@ class CloudCheckpoints:
             "statistics": trainer.statistics.state_dict(),
             "rounding": generator_state(session.rounding),
         }
-        decision = session.decision
         meta = {
             "run_id": session.run_id,
             "step": step,
@@ -218,10 +220,7 @@ class CloudCheckpoints:
             "steps_per_epoch": session.steps_per_epoch,
             "fingerprint": self.fingerprint,
             "config": self.agreed,
-            "decision": {
-                "boundary": decision.boundary,
-                "lr_factors": [[layer, factor] for layer, factor in sorted(decision.lr_factors.items())],
-            },
+            "decision": session.decision.to_json(),
             "policy": session.policy.state_dict(),
         }
         return tensors, meta

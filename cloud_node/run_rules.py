@@ -46,6 +46,8 @@ class RunRules:
     chunks: int
     num_layers: int
     edge_layers: frozenset[int]
+    #: The shape of each parameter tensor of each edge layer, in ``layer.parameters()`` order.
+    edge_shapes: dict[int, tuple[tuple[int, ...], ...]]
 
     def check_begin(self, step: int, begin: pb.StepBegin) -> None:
         """Check a begin frame's values against what step ``step`` of this run has."""
@@ -73,4 +75,8 @@ class RunRules:
             raise wire.WireError("end.stats must name each of the edge's layers at most once, and no cloud layer")
         if any((s.epoch_update_norm is not None) != epoch_end for s in stats):
             raise wire.WireError("end.stats carry an epoch update norm exactly on an epoch's last step")
+        for s in stats:
+            # The policy reads tensors by position: a layer's must be exactly the model's.
+            if tuple(p.shape for p in s.params) != self.edge_shapes.get(s.index, ()):
+                raise wire.WireError(f"end.stats of layer {s.index} must describe each of its parameter tensors, in order")
         return stats

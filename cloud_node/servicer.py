@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch import nn
 
 from cloud_node.capacity import DEFAULT_MAX_SESSIONS, Capacity, StreamGate
 from cloud_node.checkpointing import CloudCheckpoints, SavedStep, check_run_id, restore_session
+from cloud_node.federation import Federation, serve_sync
 from cloud_node.handover import Handover
 from cloud_node.refusal import Refusal, answering, short
 from cloud_node.server import start_server
@@ -24,6 +26,7 @@ from pipeline import wire
 from pipeline.blueprint import Blueprint
 from pipeline.codecs import CodecError
 from pipeline.config import Config
+from pipeline.federation import check_federation, federated
 from pipeline.handshake import describe_differences, fingerprint
 from pipeline.trust import EdgeRegistry, TrustError, caller_identity, is_loopback, parse_address
 from protos import edgepipe_pb2 as pb
@@ -77,6 +80,8 @@ class CloudServicer(pb_grpc.CloudServicer):
         self.sessions = SessionTable(self.capacity.max_sessions, session_idle_seconds)
         self.watch = IdleWatch()
         self._gate = StreamGate(self.capacity.stream_slots)
+        #: The group of a split-federated configuration (None: every edge trains its own middle).
+        self.federation = Federation(blueprint, wait_seconds=self.idle_seconds) if federated(self.config) else None
 
     def close(self) -> None:
         """Stop the idle watch and the session reaper."""
@@ -136,6 +141,9 @@ class CloudServicer(pb_grpc.CloudServicer):
                     f"edge and cloud run different configurations: {self._differences(request.config_json)}",
                 )
             check_run_length(request.total_steps, request.steps_per_epoch)
+            if request.resume and self.federation is not None:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              "a split-federated run keeps no checkpoints and cannot be resumed")
             check_run_id(request.run_id, resume=request.resume)
             if request.resume:
                 session = self._resume(identity, request)
@@ -163,6 +171,8 @@ class CloudServicer(pb_grpc.CloudServicer):
             )
             if saved is not None:
                 restore_session(session, saved)
+            if self.federation is not None:
+                self.federation.join(session, identity, request.edge_name)
             return session
 
         return self.sessions.open(identity, build, run_id=request.run_id)
@@ -187,23 +197,27 @@ class CloudServicer(pb_grpc.CloudServicer):
                 stream = self.stream(request_iterator, context)
                 try:
                     first = stream.next()
+                    # The step's clock starts on arrival: a step begun early waits for the previous one.
+                    arrived = time.perf_counter()
                     if first is None:
                         raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a Step call needs frames, a begin frame first")
                     session = self.sessions.get(first.session, identity)
                     with session.held():
-                        yield from self._step(session, first, stream)
+                        yield from self._step(session, first, arrived, stream)
                 except CallGone as gone:
                     self._note_gone(gone, "Step")
 
-    def _step(self, session: CloudSession, first: pb.StepFrame, stream: CallStream) -> Iterator[pb.StepFrame]:
+    def _step(
+        self, session: CloudSession, first: pb.StepFrame, arrived: float, stream: CallStream
+    ) -> Iterator[pb.StepFrame]:
         def compute(emit: Callable[[pb.StepFrame], None]) -> None:
-            frame = first
+            frame, received = first, arrived
             while frame is not None:
                 if frame.session != session.id:
                     raise wire.WireError(f"a frame of session {short(frame.session)} on this session's stream")
-                for reply in session.handle(frame):
+                for reply in session.handle(frame, received):
                     emit(reply)
-                frame = stream.next()
+                frame, received = stream.next(), None
 
         try:
             # The frames are read and computed on a thread of their own while this one sends.
@@ -268,6 +282,19 @@ class CloudServicer(pb_grpc.CloudServicer):
                     with self.watch.waiting(context, self.idle_seconds):
                         yield entry
 
+    def Sync(self, request_iterator: Iterator[pb.SyncFrame], context: grpc.ServicerContext) -> Iterator[pb.SyncFrame]:
+        """A split-federated round's end: the caller's head and tail in, the group's average out."""
+        with answering(context):
+            identity = self.identify(context)
+            if self.federation is None:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "this cloud trains no federation ([federation] mode)")
+            with self._stream_slot(identity):
+                stream = self.stream(request_iterator, context)
+                try:
+                    yield from serve_sync(self.federation, self.sessions, identity, stream)
+                except CallGone as gone:
+                    self._note_gone(gone, "Sync")
+
     def Close(self, request: pb.SessionRef, context: grpc.ServicerContext) -> pb.CloseReply:
         """End the caller's session and free its memory."""
         with answering(context):
@@ -313,9 +340,11 @@ def serve(
     workers and :class:`OSError` when the address cannot be bound or the state directory made.
     """
     _check_listen(listen, credentials is not None, allow_insecure)
+    if federated(config):
+        _check_federation(config, max_sessions, state_dir)
     capacity = Capacity.plan(max_sessions, workers)
     servicer = CloudServicer(
-        Blueprint(config, model_factory), registry=edges, capacity=capacity, session_idle_seconds=session_idle_seconds,
+        Blueprint(config, model_factory, side="cloud"), registry=edges, capacity=capacity, session_idle_seconds=session_idle_seconds,
         state_dir=None if state_dir is None else Path(state_dir),
     )
     try:
@@ -324,3 +353,13 @@ def serve(
         servicer.close()
         raise
     return server, port, servicer
+
+
+def _check_federation(config: Config, max_sessions: int, state_dir: str | Path | None) -> None:
+    """Refuse a federation this cloud cannot serve: more edges than sessions, or checkpoints."""
+    check_federation(config)
+    edges = config.federation.edges
+    if edges > max_sessions:
+        raise ValueError(f"federation.edges = {edges} needs --max-sessions of at least {edges} (it is {max_sessions})")
+    if state_dir is not None:
+        raise ValueError("a split-federated run cannot be checkpointed or resumed yet: start the cloud without --state-dir")

@@ -4,20 +4,23 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import grpc
 import torch
 import torch.nn.functional as F
 
+from cloud_node.activation_cache import ActivationCache
 from cloud_node.checkpointing import CloudCheckpoints
 from cloud_node.refusal import Refusal
 from cloud_node.run_rules import RunRules
 from pipeline import wire
 from pipeline.blueprint import Blueprint
+from pipeline.early_start import early_start_stands
 from pipeline.partition import split
 from pipeline.skip import StepStats
+from pipeline.skip.recorder import StatsRecorder
 from pipeline.timeline import Span, StepTimeline
 from pipeline.trainer import StageTrainer
 from protos import edgepipe_pb2 as pb
@@ -61,22 +64,39 @@ class CloudSession:
         self.cuts = blueprint.cuts
         self.uplink_shape, self.downlink_shape = blueprint.uplink_shape, blueprint.downlink_shape
         _, middle, _ = split(model, self.cuts)
-        self.trainer = StageTrainer(middle, self.cuts.middle_start, config.train)
+        self.device = blueprint.device
+        middle.to(self.device)
+        self.trainer = StageTrainer(middle, self.cuts.middle_start, config.train, blueprint.param_layers)
         self.stage = self.trainer.stage
         self.policy = blueprint.new_policy()
+        recording = checkpoints.run_file(self, "skip_stats.jsonl") if config.skip.record else None
+        if recording is not None:
+            self.policy = StatsRecorder(self.policy, recording)
         self.loss_on_cloud = config.partition.edge_tail == 0
         self.max_batch = config.micro_batch_size
         # torch.chunk's split of a mini-batch, as the edge makes it: full micro-batches, the last one shorter.
         self.micro_size = -(-config.train.batch_size // config.partition.chunks)
         self.chunks = -(-config.train.batch_size // self.micro_size)
         edge_layers = [*range(self.cuts.edge_head), *range(self.cuts.middle_stop, self.num_layers)]
+        shapes = {i: tuple(tuple(p.shape) for p in blueprint.model[i].parameters()) for i in edge_layers}
         self.rules = RunRules(
-            config.train, total_steps, steps_per_epoch, self.chunks, self.num_layers, frozenset(edge_layers)
+            config.train, total_steps, steps_per_epoch, self.chunks, self.num_layers, frozenset(edge_layers), shapes
+        )
+        #: Frozen-head activation rows by sample index ([link] cache_frozen), used while the head is frozen.
+        self.cache = (
+            ActivationCache(config.cloud.cache_memory_mib << 20, checkpoints.directory)
+            if config.link.cache_frozen else None
         )
         self.next_step = 0
         self.decision = self.policy.initial()
+        #: The decision the last step ran under: a step begun early ran its head under it.
+        self._decided_from = self.decision
+        self.param_layers = blueprint.param_layers
         self.trainer.apply(self.decision)
         self.lock = threading.Lock()
+        #: Held with the lock for each call: a federation whose edges share one middle (splitfed-v2)
+        #: makes it the middle's, so that one call at a time uses it.
+        self.turn: Callable[[], AbstractContextManager[None]] = nullcontext
         self._claims = threading.Lock()
         self._evaluating = False
         self.last_used = time.monotonic()
@@ -93,6 +113,11 @@ class CloudSession:
         return self.decision.boundary < self.cuts.edge_head
 
     @property
+    def caching(self) -> bool:
+        """Whether activations are kept by sample index now: cache_frozen and a frozen head."""
+        return self.cache is not None and not self.head_trains
+
+    @property
     def middle_trains(self) -> bool:
         """Whether any cloud layer still learns, i.e. the edge must send output gradients."""
         return self.stage.trains
@@ -101,6 +126,8 @@ class CloudSession:
 
     def _reset_step(self) -> None:
         self._begin: pb.StepBegin | None = None
+        # A dropped early step: how many more of its activations may come before it begins again.
+        self._dropping: int | None = None
         # The step's spans for the edge's --trace; the begin frame restarts the clock when it arrives.
         self._timeline = StepTimeline(self.next_step)
         self._activations: set[int] = set()
@@ -118,18 +145,26 @@ class CloudSession:
             self.trainer.abort()
         self._reset_step()
 
-    def handle(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
-        """Process one edge frame; yields the frames to send back."""
+    def handle(self, frame: pb.StepFrame, received: float | None = None) -> Iterator[pb.StepFrame]:
+        """Process one edge frame (it arrived at ``received``, a ``perf_counter``; None: now);
+        yields the frames to send back."""
         self.last_used = time.monotonic()
         body = frame.WhichOneof("body")
+        if self._dropping is not None:
+            self._while_dropping(frame, body, received)
+            return
         if self._begin is None and body != "begin":
             raise _out_of_order(f"step {frame.step} must start with a begin frame, got {body!r}")
         if self._begin is not None and frame.step != self.next_step:
             raise _out_of_order(f"frame for step {frame.step} inside step {self.next_step}")
-        if body == "begin":
-            self._on_begin(frame)
+        if body == "begin" and frame.begin.early:
+            self._on_early_begin(frame, received)
+        elif body == "begin":
+            self._on_begin(frame, received)
         elif body == "activation":
             yield from self._on_activation(frame)
+        elif body == "cached":
+            yield from self._on_cached(frame)
         elif body == "gradient":
             yield from self._on_gradient(frame)
         elif body == "end":
@@ -137,22 +172,60 @@ class CloudSession:
         else:
             raise wire.WireError(f"an edge may not send a {body!r} frame")
 
-    def _on_begin(self, frame: pb.StepFrame) -> None:
+    def _on_early_begin(self, frame: pb.StepFrame, received: float | None) -> None:
+        """A step the edge began before it read the decision for it: it stands, or is dropped alike on both sides."""
+        if self._begin is not None:
+            raise _out_of_order(f"step {self.next_step} has already begun")
+        self._check_step(frame.step)
+        before = self._decided_from
+        if frame.begin.boundary != before.boundary:
+            raise _out_of_order(
+                f"step {frame.step} began early with boundary {frame.begin.boundary}; the step before it ran with {before.boundary}"
+            )
+        if early_start_stands(before, self.decision, edge_head=self.cuts.edge_head, param_layers=self.param_layers,
+                              cache_frozen=self.cache is not None):
+            self._start(frame, received)
+        else:
+            self.rules.check_begin(frame.step, frame.begin)
+            self._dropping = self.chunks
+
+    def _while_dropping(self, frame: pb.StepFrame, body: str | None, received: float | None) -> None:
+        """The frames of a dropped early step, up to the plain begin that starts it again."""
+        if frame.step != self.next_step:
+            raise _out_of_order(f"frame for step {frame.step} inside step {self.next_step}")
+        if body in ("activation", "cached") and self._dropping:
+            self._dropping -= 1  # computed under the old decision: not used
+            return
+        if body != "begin" or frame.begin.early:
+            raise _out_of_order(
+                f"step {frame.step} began early under a decision that changed how the head runs: "
+                f"begin it again, got {body!r}"
+            )
+        self._dropping = None
+        self._on_begin(frame, received)
+
+    def _check_step(self, step: int) -> None:
+        if step != self.next_step:
+            raise _out_of_order(
+                f"the edge is at step {step} but this session is at step {self.next_step}; "
+                "restart the edge (a step was lost on a broken stream)"
+            )
+
+    def _on_begin(self, frame: pb.StepFrame, received: float | None) -> None:
         begin = frame.begin
         if self._begin is not None:
             raise _out_of_order(f"step {self.next_step} has already begun")
-        if frame.step != self.next_step:
-            raise _out_of_order(
-                f"the edge is at step {frame.step} but this session is at step {self.next_step}; "
-                "restart the edge (a step was lost on a broken stream)"
-            )
+        self._check_step(frame.step)
         if begin.boundary != self.decision.boundary:
             raise _out_of_order(f"the edge applies boundary {begin.boundary}, the cloud decided {self.decision.boundary}")
-        self.rules.check_begin(frame.step, begin)
-        self.trainer.begin(begin.lr)
+        self._start(frame, received)
+
+    def _start(self, frame: pb.StepFrame, received: float | None) -> None:
+        self.rules.check_begin(frame.step, frame.begin)
+        self.trainer.begin(frame.begin.lr)
         self.clock.take()
-        self._timeline = StepTimeline(frame.step)
-        self._begin = begin
+        self._timeline = StepTimeline(frame.step, received)
+        self._begin = frame.begin
 
     def _micro_batch(self, frame: pb.StepFrame, seen: set[int], what: str) -> int:
         index = frame.micro_batch
@@ -173,12 +246,15 @@ class CloudSession:
         with self._span("decode", index):
             x = wire.decode_tensor(
                 frame.activation, sample_shape=self.uplink_shape, max_batch=self.max_batch,
-                what="uplink activation", clock=self.clock,
+                what="uplink activation", clock=self.clock, device=self.device,
             )
         self._check_size(x, index, "uplink activation")
+        if frame.samples:
+            self._keep_rows(frame, len(x))
         self._activations.add(index)
         if self.loss_on_cloud:
             labels = wire.labels_from_frame(frame, batch=len(x), num_classes=self.config.model.num_classes)
+            labels = labels.to(self.device)
             with self._span("forward", index):
                 out = self.stage.forward(index, x, input_grad=self.head_trains)
                 self._losses[index] = F.cross_entropy(out, labels, reduction="sum") / self._begin.samples
@@ -190,6 +266,38 @@ class CloudSession:
         with self._span("forward", index):
             out = self.stage.forward(index, x, input_grad=self.head_trains)
         yield self._tensor_frame(frame, "activation", out)
+
+    def _samples(self, frame: pb.StepFrame, rows: int) -> list[int]:
+        if not self.caching:
+            raise wire.WireError("sample indices are only sent while the cloud caches a frozen head's activations")
+        samples = list(frame.samples)
+        if len(samples) != rows or len(set(samples)) != rows or min(samples) < 0:
+            raise wire.WireError(f"an activation of {rows} samples needs {rows} distinct, non-negative sample indices")
+        return samples
+
+    def _keep_rows(self, frame: pb.StepFrame, rows: int) -> None:
+        samples = self._samples(frame, rows)
+        data = frame.activation.data
+        width = len(data) // rows  # validated by decode: every row has the same size
+        for position, sample in enumerate(samples):
+            self.cache.put(sample, data[position * width : (position + 1) * width])
+
+    def _on_cached(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
+        """A micro-batch of samples whose rows the cache holds: the activation is put back together
+        from them, byte for byte as it first arrived, and computed like any other."""
+        samples = self._samples(frame, min(len(frame.samples), self.max_batch))
+        missing = [sample for sample in samples if sample not in self.cache]
+        if missing:
+            raise wire.WireError(f"cached micro-batch {frame.micro_batch} names sample {missing[0]}, which this cloud does not hold")
+        activation = pb.Tensor(
+            codec=self.config.link.uplink, shape=[len(samples), *self.uplink_shape],
+            data=b"".join(self.cache.get(sample) for sample in samples),
+        )
+        rebuilt = pb.StepFrame(
+            session=frame.session, step=frame.step, micro_batch=frame.micro_batch, activation=activation,
+            labels=frame.labels,
+        )
+        yield from self._on_activation(rebuilt)
 
     def _backward_losses(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
         # Reverse micro-batch order, as torchgpipe.GPipe accumulates gradients.
@@ -209,7 +317,7 @@ class CloudSession:
         with self._span("decode", index):
             grad_out = wire.decode_tensor(
                 frame.gradient, sample_shape=self.downlink_shape, max_batch=self.max_batch,
-                what="gradient", clock=self.clock,
+                what="gradient", clock=self.clock, device=self.device,
             )
         self._check_size(grad_out, index, "gradient")
         self._gradients.add(index)
@@ -256,7 +364,10 @@ class CloudSession:
             lr=self._begin.lr,
             layers=tuple(sorted(edge_stats + own, key=lambda s: s.index)),
         )
+        self._decided_from = self.decision
         self.decision = self.policy.decide(stats)
+        if self.cache is not None and self.decision.boundary != self._decided_from.boundary:
+            self.cache.clear()  # the head's activations change with the boundary
         self.trainer.apply(self.decision)
         encode_seconds, decode_seconds = self.clock.take()
         done = pb.StepDone(
@@ -280,8 +391,8 @@ class CloudSession:
 
     @property
     def in_step(self) -> bool:
-        """Whether a step has begun and not ended."""
-        return self._begin is not None
+        """Whether a step has begun (early or not) and not ended."""
+        return self._begin is not None or self._dropping is not None
 
     # -- evaluation and weights ----------------------------------------------------------
 
@@ -291,7 +402,8 @@ class CloudSession:
         if not self.lock.acquire(timeout=_LOCK_SECONDS):
             raise _out_of_order(f"session {self.id} is in a step (one call at a time per session)")
         try:
-            yield
+            with self.turn():
+                yield
         finally:
             self.last_used = time.monotonic()
             self.lock.release()
@@ -312,7 +424,8 @@ class CloudSession:
         """Forward-only pass of one evaluation batch."""
         self.last_used = time.monotonic()
         x = wire.decode_tensor(
-            frame.activation, sample_shape=self.uplink_shape, max_batch=self.max_batch, what="evaluation activation"
+            frame.activation, sample_shape=self.uplink_shape, max_batch=self.max_batch, what="evaluation activation",
+            device=self.device,
         )
         out = self.stage.evaluate(x)
         message = wire.encode_tensor(out, self.config.link.downlink, "activation")

@@ -12,13 +12,30 @@ from edge_node.link import CloudLink, LinkError, StepCall
 from pipeline import wire
 from pipeline.blueprint import Blueprint
 from pipeline.codecs import payload_bytes
+from pipeline.early_start import early_start_stands
+from pipeline.local_learning import CLASSIFIER, local_head
+from pipeline.optim import set_learning_rate
 from pipeline.partition import split
 from pipeline.skip import Decision, SkipPolicy
 from pipeline.timeline import StepTimeline
+from pipeline.traffic import TrafficCounts
 from pipeline.trainer import StageTrainer
 from protos import edgepipe_pb2 as pb
 
-__all__ = ["SplitEngine", "StepResult", "batch_loss", "micro_batches"]
+__all__ = ["NextStep", "SplitEngine", "StepResult", "batch_loss", "micro_batches"]
+
+
+@dataclass(frozen=True)
+class NextStep:
+    """The step after the one being run, so that its first frames can leave before this one drains."""
+
+    step: int
+    epoch: int
+    lr: float
+    x: torch.Tensor
+    y: torch.Tensor
+    #: The batch's training-set indices ([link] cache_frozen).
+    indices: torch.Tensor | None = None
 
 
 @dataclass
@@ -37,6 +54,8 @@ class StepResult:
     timeline: StepTimeline | None = None
     #: Both sides hold this step's checkpoint now (it was asked for, and the cloud saved its half).
     checkpointed: bool = False
+    #: The bytes of this step's frames (split runs; None: nothing crossed a link).
+    traffic: TrafficCounts | None = None
 
 
 def micro_batches(x: torch.Tensor, y: torch.Tensor, chunks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -56,6 +75,8 @@ class _Step:
     """One split step in flight: its micro-batches and what has come back so far."""
 
     step: int
+    epoch: int
+    lr: float
     call: StepCall
     micro: list[tuple[torch.Tensor, torch.Tensor]]
     timeline: StepTimeline
@@ -64,6 +85,11 @@ class _Step:
     head_gradients: set[int] = field(default_factory=set)
     backward_seconds: float = 0.0
     fp32_extra: int = 0
+    codec_seconds: tuple[float, float] = (0.0, 0.0)
+    #: Each micro-batch's training-set indices, when the cloud may cache activations.
+    indices: list[list[int]] | None = None
+    #: The samples whose activation rows this step sent while the cloud caches them.
+    stored: set[int] = field(default_factory=set)
 
     @property
     def samples(self) -> int:
@@ -108,11 +134,17 @@ class SplitEngine:
         self.config = blueprint.config
         self.model = blueprint.model
         self.cuts = blueprint.cuts
+        self.param_layers = blueprint.param_layers
         self.link = link
         self.uplink_shape, self.downlink_shape = blueprint.uplink_shape, blueprint.downlink_shape
         head, _, tail = split(self.model, self.cuts)
-        self.head = StageTrainer(head, 0, self.config.train)
-        self.tail = StageTrainer(tail, self.cuts.middle_stop, self.config.train)
+        self.device = blueprint.device
+        head.to(self.device)
+        tail.to(self.device)
+        #: The head's local learning under [skip] prefix = "local" (None: a frozen head is frozen).
+        self.local = local_head(head, blueprint, batch_loss)
+        self.head = self.local or StageTrainer(head, 0, self.config.train, blueprint.param_layers)
+        self.tail = StageTrainer(tail, self.cuts.middle_stop, self.config.train, blueprint.param_layers)
         self.max_batch = self.config.micro_batch_size
         self.clock = wire.CodecClock()
         # Stochastic rounding draws from its own seeded generator: runs repeat exactly.
@@ -121,11 +153,20 @@ class SplitEngine:
         #: What a checkpoint holds: the cloud decides, so there is no policy here.
         self.policy: SkipPolicy | None = None
         self.trainers = {"head": self.head, "tail": self.tail}
+        if self.local is not None:
+            self.trainers[CLASSIFIER] = self.local.classifier
         self.generators = {"rounding": self.rounding}
         self.decision = Decision(0)
+        #: The next step, begun while this one's done frame was on its way (see :meth:`step`).
+        self._ahead: _Step | None = None
+        #: The samples whose frozen-head activation the cloud holds ([link] cache_frozen): it keeps
+        #: every row this side sent since the boundary last moved, as this side counts them.
+        self._cloud_holds: set[int] = set()
 
     def apply(self, decision: Decision) -> None:
         """Make ``decision`` the one the next step runs with."""
+        if decision.boundary != self.decision.boundary:
+            self._cloud_holds.clear()  # so does the cloud: the head's activations change
         self.decision = decision
         self.head.apply(decision)
         self.tail.apply(decision)
@@ -156,51 +197,128 @@ class SplitEngine:
         return self.decision.boundary < self.cuts.middle_stop
 
     @property
+    def _caching(self) -> bool:
+        """Whether the cloud keeps activations by sample now: cache_frozen and a frozen head."""
+        return self.config.link.cache_frozen and not self._head_trains
+
+    @property
     def _loss_on_cloud(self) -> bool:
         return self.cuts.edge_tail == 0
 
     def step(
         self, step: int, epoch: int, lr: float, x: torch.Tensor, y: torch.Tensor, epoch_end: bool,
-        checkpoint: bool = False,
+        checkpoint: bool = False, following: NextStep | None = None, indices: torch.Tensor | None = None,
     ) -> StepResult:
         """Stream the micro-batches through the cloud, then step both sides' optimizers.
 
-        With ``checkpoint`` the cloud saves its half of this step before it answers.
+        With ``checkpoint`` the cloud saves its half of this step before it answers. With
+        ``following`` the next step begins (its first activations leave, on a call of their own)
+        as soon as this side has stepped, while the cloud commits this step: the link does not
+        drain between steps. The cloud holds those frames until this step is committed. When
+        the cloud's decision changes how the head runs, the begun step's activations are sent
+        again under the new decision, so the results are the same either way. ``indices`` (the
+        batch's training-set indices) let a cloud that caches frozen-head activations
+        (``[link] cache_frozen``) be sent only the indices of samples it holds.
         """
-        micro = micro_batches(x, y, self.config.partition.chunks)
-        run = _Step(step, self.link.step(), micro, StepTimeline(step))
+        run = self._take_ahead(step) or self._start(step, epoch, lr, x, y, indices)
         try:
-            self._begin(run, epoch, lr)
             self._stream(run)
-            done = self._end(run, epoch_end, checkpoint)
+            done = self._end(run, epoch_end, checkpoint, following)
         except BaseException:
             run.call.cancel()
+            self._drop_ahead()
             self.head.abort()
             self.tail.abort()
             raise
-        self.apply(wire.decision_from_message(done.decision))
+        # The cloud kept this step's rows before it decided (a moved boundary drops them again).
+        self._cloud_holds |= run.stored
+        self._decide(wire.decision_from_message(done.decision))
         return StepResult(
             loss=done.loss if self._loss_on_cloud else sum(run.losses[i] for i in sorted(run.losses)),
             decision=self.decision,
             edge_backward_seconds=run.backward_seconds,
             cloud_backward_seconds=done.backward_seconds,
-            edge_codec_seconds=self.clock.take(),
+            edge_codec_seconds=run.codec_seconds,
             cloud_codec_seconds=(done.encode_seconds, done.decode_seconds),
             uplink_fp32_extra_bytes=run.fp32_extra,
             timeline=run.timeline,
             checkpointed=checkpoint and done.checkpointed,
+            traffic=run.call.traffic.snapshot(),
         )
 
     # -- the handlers --------------------------------------------------------------------
 
-    def _begin(self, run: _Step, epoch: int, lr: float) -> None:
-        self.head.begin(lr)
-        self.tail.begin(lr)
-        self.clock.take()
-        begin = pb.StepBegin(
-            epoch=epoch, lr=lr, chunks=len(run.micro), boundary=self.decision.boundary, samples=run.samples
+    def _start(
+        self, step: int, epoch: int, lr: float, x: torch.Tensor, y: torch.Tensor, indices: torch.Tensor | None,
+        *, early: bool = False,
+    ) -> _Step:
+        """Open step ``step``'s call and send its begin frame (``early``: the boundary is not known yet)."""
+        chunks = self.config.partition.chunks
+        micro = micro_batches(x.to(self.device), y.to(self.device), chunks)
+        run = _Step(step, epoch, lr, self.link.step(), micro, StepTimeline(step))
+        if self.config.link.cache_frozen and indices is not None:
+            run.indices = [part.tolist() for part in indices.chunk(chunks)]
+        try:
+            self.head.begin(lr)
+            self.tail.begin(lr)
+            run.call.send(run.frame(self.link.session, begin=self._begin_message(run, early=early)))
+        except BaseException:
+            run.call.cancel()
+            raise
+        return run
+
+    def _begin_message(self, run: _Step, *, early: bool = False) -> pb.StepBegin:
+        return pb.StepBegin(
+            epoch=run.epoch, lr=run.lr, chunks=len(run.micro), boundary=self.decision.boundary, samples=run.samples,
+            early=early,
         )
-        run.call.send(run.frame(self.link.session, begin=begin))
+
+    def _start_ahead(self, following: NextStep) -> None:
+        """Begin ``following`` early and send its first activations: they cross while this step drains."""
+        ahead = self._start(
+            following.step, following.epoch, following.lr, following.x, following.y, following.indices, early=True
+        )
+        self._ahead = ahead
+        while ahead.sent < min(len(ahead.micro), _IN_FLIGHT):
+            self._send_activation(ahead)
+
+    def _decide(self, decision: Decision) -> None:
+        """Apply the cloud's decision for the next step; if that step began early, keep or redo its start.
+
+        Both sides judge alike whether what was sent stands (:func:`pipeline.early_start.early_start_stands`):
+        when the decision changed how the head runs, the cloud drops it and this side begins the
+        step again, with a plain begin, under the new decision.
+        """
+        ahead, before = self._ahead, self.decision
+        self.apply(decision)
+        if ahead is None:
+            return
+        if early_start_stands(before, decision, edge_head=self.cuts.edge_head, param_layers=self.param_layers,
+                              cache_frozen=self.config.link.cache_frozen):
+            # The begun step set its rates before this decision's factors were known.
+            set_learning_rate(self.head.optimizer, ahead.lr)
+            set_learning_rate(self.tail.optimizer, ahead.lr)
+            return
+        for trainer in (self.head, self.tail):
+            trainer.abort()
+            trainer.begin(ahead.lr)
+        ahead.sent, ahead.fp32_extra = 0, 0
+        ahead.stored.clear()
+        ahead.call.send(ahead.frame(self.link.session, begin=self._begin_message(ahead)))
+
+    def _take_ahead(self, step: int) -> _Step | None:
+        if self._ahead is not None and self._ahead.step != step:
+            self._drop_ahead()
+        ahead, self._ahead = self._ahead, None
+        return ahead
+
+    def _drop_ahead(self) -> None:
+        """Cancel the begun next step and undo what it did here (the cloud never began it)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.call.cancel()
+            self.head.abort()
+            self.tail.abort()
 
     def _stream(self, run: _Step) -> None:
         chunks = len(run.micro)
@@ -229,22 +347,35 @@ class SplitEngine:
     def _send_activation(self, run: _Step) -> None:
         index = run.sent
         xi, yi = run.micro[index]
+        labels = yi.tolist() if self._loss_on_cloud else []
+        samples = run.indices[index] if run.indices is not None and self._caching else []
+        if samples and all(sample in self._cloud_holds for sample in samples):
+            # The frozen head's output for these samples is on the cloud already: no need to compute it.
+            run.call.send(run.frame(self.link.session, index, cached=pb.Cached(), samples=samples, labels=labels))
+            run.sent += 1
+            return
         with run.timeline.span("head forward", index):
             activation = self.head.stage.forward(index, xi)
         uplink = self.config.link.uplink
         with run.timeline.span("encode", index):
             message = wire.encode_tensor(activation, uplink, "activation", clock=self.clock)
         run.fp32_extra += 4 * activation.numel() - payload_bytes(uplink, tuple(activation.shape))
-        labels = yi.tolist() if self._loss_on_cloud else []
-        run.call.send(run.frame(self.link.session, index, activation=message, labels=labels))
+        run.call.send(run.frame(self.link.session, index, activation=message, labels=labels, samples=samples))
+        run.stored.update(samples)
         run.sent += 1
+        if self.local is not None and self.local.active:
+            # No gradient comes down for a covered head: it learns from its local loss, while the activation travels.
+            start = time.perf_counter()
+            with run.timeline.span("head backward", index):
+                self.local.learn(index, activation, yi, run.samples)
+            run.backward_seconds += time.perf_counter() - start
 
     def _on_output(self, run: _Step, frame: pb.StepFrame) -> None:
         index = run.check(frame, run.losses)
         with run.timeline.span("decode", index):
             z = wire.decode_tensor(
                 frame.activation, sample_shape=self.downlink_shape, max_batch=self.max_batch,
-                what="downlink activation", clock=self.clock,
+                what="downlink activation", clock=self.clock, device=self.device,
             )
         with run.timeline.span("tail forward", index):
             out = self.tail.stage.forward(index, z, input_grad=self._middle_trains)
@@ -266,7 +397,7 @@ class SplitEngine:
         with run.timeline.span("decode", index):
             grad = wire.decode_tensor(
                 frame.gradient, sample_shape=self.uplink_shape, max_batch=self.max_batch,
-                what="downlink gradient", clock=self.clock,
+                what="downlink gradient", clock=self.clock, device=self.device,
             )
         start = time.perf_counter()
         with run.timeline.span("head backward", index):
@@ -274,12 +405,18 @@ class SplitEngine:
         run.backward_seconds += time.perf_counter() - start
         run.head_gradients.add(index)
 
-    def _end(self, run: _Step, epoch_end: bool, checkpoint: bool) -> pb.StepDone:
+    def _end(self, run: _Step, epoch_end: bool, checkpoint: bool, following: NextStep | None) -> pb.StepDone:
         with run.timeline.span("optimizer"):
             stats = self.head.commit(epoch_end=epoch_end) + self.tail.commit(epoch_end=epoch_end)
         end = pb.StepEnd(epoch_end=epoch_end, stats=wire.stats_to_message(stats), checkpoint=checkpoint)
-        sent = run.timeline.now()
+        sent = time.perf_counter()
         run.call.send(run.frame(self.link.session, end=end))
+        # Nothing more goes up on this call: the cloud can end it right after its done frame.
+        run.call.close()
+        run.codec_seconds = self.clock.take()
+        if following is not None:
+            with run.timeline.span("next step"):
+                self._start_ahead(following)
         with run.timeline.span("wait"):
             reply = run.call.receive()
         if reply.WhichOneof("body") != "done":
@@ -289,7 +426,7 @@ class SplitEngine:
         # The cloud's clock starts when our begin frame reached it, about half a round trip after
         # we sent it; the end/done exchange, less the cloud's time handling end, is one round trip.
         handling = sum(s.end - s.start for s in done.spans if s.name == "end")
-        round_trip = max(run.timeline.now() - sent - handling, 0.0)
+        round_trip = max(run.call.arrived - sent - handling, 0.0)
         run.timeline.add_remote([(s.name, s.micro_batch, s.start, s.end) for s in done.spans], offset=round_trip / 2)
         return done
 
@@ -300,7 +437,7 @@ class SplitEngine:
 
         def frames() -> Iterator[pb.EvalFrame]:
             for index, xb in enumerate(batches):
-                activation = self.head.stage.evaluate(xb)
+                activation = self.head.stage.evaluate(xb.to(self.device))
                 message = wire.encode_tensor(activation, self.config.link.uplink, "activation")
                 yield pb.EvalFrame(session=self.link.session, batch=index, activation=message)
 
@@ -309,9 +446,9 @@ class SplitEngine:
                 raise LinkError(f"evaluation reply for batch {reply.batch}, expected {expected}")
             z = wire.decode_tensor(
                 reply.activation, sample_shape=self.downlink_shape, max_batch=self.max_batch,
-                what="evaluation output",
+                what="evaluation output", device=self.device,
             )
-            yield self.tail.stage.evaluate(z)
+            yield self.tail.stage.evaluate(z).cpu()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The whole trained model: the edge's layers plus the cloud's, fetched as raw tensors."""

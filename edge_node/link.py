@@ -20,7 +20,7 @@ from pipeline.traffic import TrafficMeter
 from edge_node.security import LinkSecurity
 from protos import edgepipe_pb2 as pb
 
-__all__ = ["CloudLink", "LinkError", "LinkSecurity", "StepCall"]
+__all__ = ["CloudLink", "LinkError", "LinkSecurity", "StepCall", "link_error"]
 
 _SERVICE = "/edgepipe.v1.Cloud/"
 #: What each call's bytes are for, in the traffic ledger.
@@ -78,7 +78,8 @@ class LinkError(RuntimeError):
         self.reason = reason or message
 
 
-def _link_error(address: str, exc: grpc.RpcError) -> LinkError:
+def link_error(address: str, exc: grpc.RpcError) -> LinkError:
+    """The :class:`LinkError` for a failed call to the cloud at ``address``: transient or not, and why."""
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code in _TRANSIENT:
@@ -109,28 +110,48 @@ class StepCall:
         self._address = address
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._replies: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._call = open_stream(iter(self._requests.get, _END))
+        self._closed = False
+        #: When the reply returned last by :meth:`poll` or :meth:`receive` arrived (``perf_counter``).
+        self.arrived = 0.0
+        #: This call's own frames, as the link's meter counts them: a step's traffic is its call's,
+        #: whenever its frames happen to cross (a step begun early sends during the previous one).
+        self.traffic = TrafficMeter()
+        self._call = open_stream(self._outgoing())
         self._reader = threading.Thread(target=self._read, name="edgepipe-step-reader", daemon=True)
         self._reader.start()
+
+    def _outgoing(self) -> Iterator[pb.StepFrame]:
+        for frame in iter(self._requests.get, _END):
+            # Counted as gRPC takes it: a frame still queued when the call is cancelled never crosses.
+            self.traffic.count("uplink", wire.frame_kind(frame), frame.ByteSize())
+            yield frame
 
     def _read(self) -> None:
         try:
             for reply in self._call:
-                self._replies.put(reply)
-            self._replies.put(_END)
+                self.traffic.count("downlink", wire.frame_kind(reply), reply.ByteSize())
+                self._replies.put((time.perf_counter(), reply))
+            self._replies.put((time.perf_counter(), _END))
         except grpc.RpcError as exc:
-            self._replies.put(exc)
+            self._replies.put((time.perf_counter(), exc))
 
     def send(self, frame: pb.StepFrame) -> None:
         """Queue a frame for the cloud."""
         self._requests.put(frame)
 
-    def _unwrap(self, item: Any) -> pb.StepFrame:
+    def close(self) -> None:
+        """End the request stream: nothing more is sent, replies still arrive (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(_END)
+
+    def _unwrap(self, entry: tuple[float, Any]) -> pb.StepFrame:
+        self.arrived, item = entry
         if item is _END:
             raise LinkError(f"the cloud at {self._address} ended the step early", transient=True,
                             reason="the step's stream ended early")
         if isinstance(item, grpc.RpcError):
-            raise _link_error(self._address, item)
+            raise link_error(self._address, item)
         return item
 
     def poll(self) -> pb.StepFrame | None:
@@ -147,17 +168,17 @@ class StepCall:
 
     def finish(self) -> None:
         """Close the request stream and wait for the cloud to end the call."""
-        self._requests.put(_END)
+        self.close()
         self._reader.join()
         leftover = self._replies.get()
-        if leftover is not _END:
+        if leftover[1] is not _END:
             self._unwrap(leftover)
             raise LinkError(f"the cloud at {self._address} sent frames after the step ended")
 
     def cancel(self) -> None:
         """Abandon the step; the cloud aborts it too."""
         self._call.cancel()
-        self._requests.put(_END)
+        self.close()
 
 
 class CloudLink:
@@ -236,7 +257,7 @@ class CloudLink:
         try:
             reply = self._open(request, timeout=self.config.link.timeout_seconds)
         except grpc.RpcError as exc:
-            raise _link_error(self.address, exc) from None
+            raise link_error(self.address, exc) from None
         expected = 0 if resume_step is None else resume_step + 1
         if reply.next_step != expected:
             raise LinkError(
@@ -298,14 +319,14 @@ class CloudLink:
         try:
             yield from self._evaluate(iter(frames), timeout=self.config.link.timeout_seconds * 10)
         except grpc.RpcError as exc:
-            raise _link_error(self.address, exc) from None
+            raise link_error(self.address, exc) from None
 
     def weights(self) -> Iterator[pb.NamedTensor]:
         """The cloud's trained middle, one state-dict entry per message."""
         try:
             yield from self._weights(pb.SessionRef(session=self.session), timeout=self.config.link.timeout_seconds)
         except grpc.RpcError as exc:
-            raise _link_error(self.address, exc) from None
+            raise link_error(self.address, exc) from None
 
     def close(self) -> None:
         """End the session (best effort) and the channel."""

@@ -11,14 +11,15 @@ from typing import Any, TextIO
 
 import torch.nn.functional as F
 
-from edge_node.engines import StepResult
+from edge_node.engines import NextStep, StepResult
 from edge_node.recovery import (
     EdgeCheckpoints, Engine, RunDirError, RunPlan, restore_engine, traffic_from_json, traffic_sum, traffic_to_json,
 )
 from pipeline.checkpoint import truncate_lines
 from pipeline.config import Config
-from pipeline.data import Dataset, mini_batches, training_batches
+from pipeline.data import Dataset, mini_batches, training_batches, training_indices
 from pipeline.optim import learning_rate
+from pipeline.skip import Decision
 from pipeline.timeline import StepTimeline
 from pipeline.traffic import TrafficCounts, TrafficMeter
 
@@ -58,7 +59,7 @@ _TIMING_KEYS = ("uplink_activation_fp32_bytes", "edge_backward_seconds", "cloud_
 
 
 def _step_line(
-    step: int, epoch: int, lr: float, boundary: int, seconds: float, result: StepResult, traffic: TrafficCounts
+    step: int, epoch: int, lr: float, ran_with: Decision, seconds: float, result: StepResult, traffic: TrafficCounts
 ) -> dict[str, Any]:
     counts = traffic.to_json()
     return {
@@ -66,7 +67,8 @@ def _step_line(
         "epoch": epoch,
         "loss": result.loss,
         "lr": lr,
-        "boundary": boundary,
+        "boundary": ran_with.boundary,
+        "frozen_parameters": ran_with.frozen_parameters,
         "step_seconds": seconds,
         "uplink_bytes": counts["uplink_bytes"],
         "downlink_bytes": counts["downlink_bytes"],
@@ -187,30 +189,49 @@ class Run:
 
     def train_epoch(self, epoch: int, data: Dataset) -> None:
         train = self.config.train
-        batches = training_batches(data, train.batch_size, seed=self.config.model.seed, epoch=epoch)
+        seed = self.config.model.seed
+        batches = zip(training_batches(data, train.batch_size, seed=seed, epoch=epoch),
+                      training_indices(data, train.batch_size, seed=seed, epoch=epoch), strict=True)
         # A resumed epoch starts where its checkpoint left it.
         first = self.step - epoch * self.steps_per_epoch
-        for position, (x, y) in itertools.islice(enumerate(batches), first, None):
-            if self.step >= self.total_steps:
-                break
+        # One batch ahead: the engine may begin the next step while this one drains.
+        pending = itertools.islice(enumerate(batches), first, None)
+        current = next(pending, None)
+        while current is not None and self.step < self.total_steps:
+            position, ((x, y), indices) = current
+            current = next(pending, None)
             epoch_end = position == self.steps_per_epoch - 1 or self.step == self.total_steps - 1
-            self.train_step(epoch, x, y, epoch_end)
+            self.train_step(epoch, x, y, indices, epoch_end, None if current is None else current[1])
 
     def _checkpoint_due(self, epoch_end: bool) -> bool:
         # The last step's state is model.pt.
         every = self.config.checkpoint.every_steps
         return ((self.step + 1) % every == 0 or epoch_end) and self.step != self.total_steps - 1
 
-    def train_step(self, epoch: int, x: Any, y: Any, epoch_end: bool) -> None:
+    def train_step(
+        self, epoch: int, x: Any, y: Any, indices: Any, epoch_end: bool,
+        following: tuple[tuple[Any, Any], Any] | None,
+    ) -> None:
+        """One optimizer step on ``(x, y)`` (samples ``indices`` of the training set); ``following``
+        is the epoch's next batch and its indices, if any."""
         lr = learning_rate(self.config.train, self.step, self.total_steps)
         checkpoint = self._checkpoint_due(epoch_end)
-        before = self.meter.snapshot()
+        # The next step may begin early only when nothing happens between the two: no evaluation
+        # (epoch end), no checkpoint (it saves this step's state), and a next step to take.
+        ahead = None
+        if following is not None and not epoch_end and not checkpoint:
+            (next_x, next_y), next_indices = following
+            ahead = NextStep(self.step + 1, epoch, learning_rate(self.config.train, self.step + 1, self.total_steps),
+                             next_x, next_y, next_indices)
+        before, ran_with = self.meter.snapshot(), self.engine.decision
         tick = time.perf_counter()
-        result = self.engine.step(self.step, epoch, lr, x, y, epoch_end, checkpoint)
+        result = self.engine.step(self.step, epoch, lr, x, y, epoch_end, checkpoint, ahead, indices)
         seconds = time.perf_counter() - tick
         if self.tracing and result.timeline is not None:
-            self.timelines.append((tick - self.origin, result.timeline))
-        line = _step_line(self.step, epoch, lr, self.boundary, seconds, result, self.meter.snapshot() - before)
+            # A step the engine began early starts before it was called.
+            self.timelines.append((result.timeline.began - self.origin, result.timeline))
+        traffic = self.meter.snapshot() - before if result.traffic is None else result.traffic
+        line = _step_line(self.step, epoch, lr, ran_with, seconds, result, traffic)
         for key in _TIMING_KEYS:
             self.totals[key] += line[key]
         self._write(line)

@@ -33,7 +33,7 @@ CHECKPOINTS = "checkpoints"
 #: starts over under the same id.
 RUN_RECORD = "run.json"
 #: What a run leaves besides checkpoints/; --overwrite removes them.
-RUN_FILES = ("metrics.jsonl", "summary.json", "model.pt", "trace.json")
+RUN_FILES = ("metrics.jsonl", "summary.json", "model.pt", "trace.json", "federation.json")
 
 
 class RunDirError(ValueError):
@@ -123,8 +123,7 @@ class EdgeCheckpoints:
             for name, trainer in engine.trainers.items()
         }
         tensors["generators"] = {name: generator_state(g) for name, g in engine.generators.items()}
-        decision = {"boundary": engine.decision.boundary,
-                    "lr_factors": [[layer, factor] for layer, factor in sorted(engine.decision.lr_factors.items())]}
+        decision = engine.decision.to_json()
         policy = {} if engine.policy is None else {"policy": engine.policy.state_dict()}
         run = {"run_id": self.run_id, "fingerprint": self.plan.fingerprint, "step": step,
                "total_steps": self.plan.total_steps, "steps_per_epoch": self.plan.steps_per_epoch}
@@ -139,8 +138,7 @@ def restore_engine(engine: Engine, tensors: dict[str, Any], meta: dict[str, Any]
     The saved decision goes first, so that the optimizers have the saved parameter groups
     before their state is loaded.
     """
-    saved = meta["decision"]
-    engine.apply(Decision(saved["boundary"], {layer: factor for layer, factor in saved["lr_factors"]}))
+    engine.apply(Decision.from_json(meta["decision"]))
     try:
         for name, trainer in engine.trainers.items():
             trainer.stage.layers.load_state_dict(tensors[name]["layers"])

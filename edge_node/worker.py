@@ -10,15 +10,17 @@ import torch
 from torch import nn
 
 from edge_node.engines import SplitEngine
+from edge_node.federation import FederatedEngine, FederatedLink
 from edge_node.link import CloudLink, LinkError, LinkSecurity
 from edge_node.local_engine import LocalEngine
 from edge_node.loop import EpochReport, Run, StepReport
 from edge_node.reconnect import Reconnect
-from edge_node.recovery import EdgeCheckpoints, Engine, RunPlan
+from edge_node.recovery import EdgeCheckpoints, Engine, RunDirError, RunPlan
 from pipeline.blueprint import Blueprint
 from pipeline.checkpoint import save_json, save_state
-from pipeline.config import Config
-from pipeline.data import DataError, Dataset, as_dataset, load_dataset
+from pipeline.config import Config, ConfigError
+from pipeline.data import DataError, Dataset, Shard, as_dataset, load_dataset, shard as take_shard
+from pipeline.federation import FEDERATION_FILE, check_federation, federated
 from pipeline.handshake import fingerprint
 from pipeline.timeline import write_trace
 from pipeline.traffic import TrafficMeter
@@ -44,6 +46,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     on_link: Callable[[str], None] | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` split with the cloud at ``cloud`` (``HOST:PORT``), or in one process when it is None.
 
@@ -53,7 +56,8 @@ def train(
     text to loopback only). ``model_factory`` builds the model instead of ``[model] name`` (the
     cloud must be served with the same); ``data`` is ``(train, validation)`` instead of
     ``[train] dataset``, each anything :func:`pipeline.data.as_dataset` takes (a torch
-    ``Dataset`` or an ``(inputs, labels)`` pair).
+    ``Dataset`` or an ``(inputs, labels)`` pair). ``shard`` trains on that part of the training
+    data only (:func:`pipeline.data.shard`), as one edge of a federation does.
 
     Writes ``metrics.jsonl`` as it goes, the edge's checkpoints to ``checkpoints/`` every
     ``[checkpoint] every_steps`` steps and at epoch ends, and ``summary.json`` and ``model.pt``
@@ -71,18 +75,33 @@ def train(
     :class:`pipeline.data.DataError` for unusable data and :class:`OSError` when the run
     directory cannot be written.
     """
-    blueprint = Blueprint(config, model_factory)
+    blueprint = Blueprint(config, model_factory, side="edge")
     run_dir = Path(run_dir)
+    group = federated(config)
+    if group:
+        _check_federated(config, cloud, resume)
     train_data, val_data = _datasets(config, data)
+    if config.link.cache_frozen and train_data.augmented:
+        raise ConfigError(
+            "link.cache_frozen: the training data says it is randomly augmented, so a sample's frozen-head "
+            "activation changes each time it is seen; set cache_frozen = false for this data"
+        )
+    if shard is not None:
+        train_data = take_shard(train_data, shard, seed=config.model.seed)
     plan = _plan(config, blueprint, cloud, len(train_data), epochs or config.train.epochs, max_steps)
     meter = TrafficMeter()
     link = None
     if cloud is not None:
-        link = CloudLink(cloud, config, blueprint.model, meter, connect_timeout=connect_timeout, security=security)
+        link_type = FederatedLink if group else CloudLink
+        link = link_type(cloud, config, blueprint.model, meter, connect_timeout=connect_timeout, security=security)
 
     def build(bp: Blueprint) -> Engine:
         if link is None:
-            return LocalEngine(bp)
+            return LocalEngine(bp, run_dir)
+        if group:
+            return FederatedEngine(bp, link, edge_name, total_steps=plan.total_steps,
+                                   steps_per_epoch=plan.steps_per_epoch, samples=len(train_data),
+                                   record_path=run_dir / FEDERATION_FILE)
         return SplitEngine(bp, link, edge_name, total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch)
 
     try:
@@ -91,13 +110,15 @@ def train(
         say = on_link or (lambda message: None)
         run = Run(config, meter, checkpoints, plan, on_step=on_step, on_epoch=on_epoch, on_link=say,
                   tracing=trace is not None)
-        reconnect = None if cloud is None else Reconnect(cloud, config.link.reconnect_seconds, on_link)
+        # A federated run keeps no checkpoints, so a lost cloud cannot be reconnected to: its group is gone.
+        reconnect = None if cloud is None or group else Reconnect(cloud, config.link.reconnect_seconds, on_link)
+        run.unconfirmed = group  # and no notice that the cloud saves no checkpoints: it is never asked
         eval_batch = config.train.eval_batch_size or config.micro_batch_size
         with _summary_if_stopped(run, plan.mode, run_dir / "summary.json"):
             resumed = _begin(run, build(blueprint), None)
             if resume:
                 say(_resumed(run, resumed, "resuming run {run}"))
-            state = _train_to_end(run, lambda: build(Blueprint(config, model_factory)), reconnect,
+            state = _train_to_end(run, lambda: build(Blueprint(config, model_factory, side="edge")), reconnect,
                                   train_data, val_data, eval_batch)
     finally:
         if link is not None:
@@ -108,6 +129,19 @@ def train(
     summary = run.summary(plan.mode, "completed")
     save_json(summary, run_dir / "summary.json")
     return summary
+
+
+def _check_federated(config: Config, cloud: str | None, resume: bool) -> None:
+    """Refuse what a split-federated configuration cannot do: train alone, or resume."""
+    check_federation(config)
+    if cloud is None:
+        raise ConfigError(
+            f"federation.mode = {config.federation.mode!r} trains a group of edges with a cloud: give --cloud, "
+            f"or train its one-process reference with --local --edges {config.federation.edges}"
+        )
+    if resume:
+        raise RunDirError("a split-federated run keeps no checkpoints and cannot be resumed: start it again "
+                          "(--overwrite), all edges together")
 
 
 def _plan(
@@ -144,9 +178,12 @@ def _summary_if_stopped(run: Run, mode: str, path: Path) -> Iterator[None]:
 
 
 def _planned(config: Config) -> dict[str, Any]:
-    """The configuration a resumed run must share: all of it but how long the edge retries a lost cloud."""
+    """The configuration a resumed run must share: all of it but how long the edge retries a lost cloud
+    and the devices (checkpoints are device-neutral: a run may resume on another device)."""
     data = config.to_dict()
     data["link"].pop("reconnect_seconds")
+    data.pop("cloud")
+    data.pop("edge")
     return data
 
 

@@ -13,6 +13,7 @@ _COLOURS = {
     "head forward": "tab:blue", "tail forward": "tab:cyan", "forward": "tab:blue",
     "tail backward": "tab:orange", "head backward": "tab:red", "backward": "tab:orange",
     "encode": "0.55", "decode": "0.75", "optimizer": "tab:green", "end": "tab:green", "wait": "0.92",
+    "next step": "tab:purple",
 }
 _ROWS = ("edge", "cloud")
 

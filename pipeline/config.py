@@ -9,11 +9,14 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.codecs import codec_names
+from pipeline.devices import check_device_name
 
 __all__ = [
     "CheckpointSection",
+    "CloudSection",
     "Config",
     "ConfigError",
+    "EdgeSection",
     "LinkSection",
     "ModelSection",
     "PartitionSection",
@@ -79,7 +82,23 @@ class LinkSection(_Section):
     # Edge only (left out of agreed()): how long the edge keeps retrying a lost cloud before
     # it gives up; 0 gives up at once.
     reconnect_seconds: float = Field(120.0, ge=0)
+    # Once the head is frozen, the cloud keeps each training sample's activation and the edge
+    # sends only the sample's index the next times (the activation of a frozen head never changes).
+    cache_frozen: bool = False
 
+    @model_validator(mode="after")
+    def _cache_keeps_exactness(self) -> LinkSection:
+        if self.cache_frozen and self.uplink not in CACHEABLE_CODECS:
+            raise ValueError(
+                f"cache_frozen needs an uplink codec that encodes each value on its own "
+                f"({', '.join(CACHEABLE_CODECS)}): {self.uplink} scales a micro-batch as a whole, so a "
+                "cached sample would decode differently than in the micro-batch it comes in next"
+            )
+        return self
+
+
+#: Uplink codecs whose bytes for one sample do not depend on the rest of its micro-batch.
+CACHEABLE_CODECS = ("fp32", "bf16")
 
 SkipPolicyName = Literal["none", "manual", "cac-auto", "lars", "norm-ema", "schedule"]
 
@@ -91,11 +110,11 @@ _POLICY_KEYS: dict[str, frozenset[str]] = {
     "cac-auto": frozenset(
         {"start_step", "start_thr", "mt_count_thr", "mt_thr", "slope_thr", "samples", "braking_distance"}
     ),
-    "lars": frozenset({"alpha", "full_every"}),
+    "lars": frozenset({"alpha", "full_every", "granularity"}),
     "norm-ema": frozenset({"alpha", "shift", "ema"}),
     "schedule": frozenset({"schedule", "c1", "c2"}),
 }
-_COMMON_SKIP_KEYS = frozenset({"policy", "max_boundary", "prefix"})
+_COMMON_SKIP_KEYS = frozenset({"policy", "max_boundary", "prefix", "record"})
 
 
 class SkipSection(_Section):
@@ -103,21 +122,26 @@ class SkipSection(_Section):
 
     policy: SkipPolicyName = "none"
     max_boundary: int | None = Field(None, ge=0)
+    # "local": once the boundary covers the edge head, the head learns on from an edge-side
+    # auxiliary classifier (pipeline.local_learning) instead of staying frozen
     prefix: Literal["freeze", "local"] = "freeze"
+    # write the statistics the policy reads to skip_stats.jsonl, for `edgepipe skip replay`
+    record: bool = False
     # manual
     stop_layers: list[int] = Field(default_factory=list)
     stop_steps: list[int] = Field(default_factory=list)
     # cac-auto (defaults are CAC Gradient-Skip's)
     start_step: int = Field(5000, ge=0)
-    start_thr: float = Field(0.95, gt=0.0)
+    start_thr: float = Field(0.95, allow_inf_nan=False)  # <= 0: Auto never stops (CAC's -1)
     mt_count_thr: int = Field(5, ge=0)
     mt_thr: float = Field(0.96, gt=0.0)
     slope_thr: float = Field(0.98, gt=0.0)
-    samples: int = Field(200, ge=1)
+    samples: int | None = Field(None, ge=1)  # None: the braking distance when set, else 200 (CAC's)
     braking_distance: int = Field(0, ge=0)
     # lars (alpha default 2) and norm-ema (alpha default 0.3)
     alpha: float | None = Field(None, gt=0.0)
     full_every: int | None = Field(None, ge=1)
+    granularity: Literal["layer", "conv"] = "layer"  # lars: nw per layer or per convolution kernel
     shift: int | None = Field(None, ge=1)
     ema: float = Field(0.9, ge=0.0, lt=1.0)
     # schedule
@@ -133,11 +157,6 @@ class SkipSection(_Section):
             raise ValueError(
                 f"key(s) {', '.join(stray)} are not used by policy {self.policy!r}; "
                 f"it reads: {', '.join(sorted(allowed)) or 'nothing'}"
-            )
-        if self.prefix == "local":
-            raise ValueError(
-                'prefix = "local" (localized learning of the frozen prefix) is not available yet; '
-                'use "freeze"'
             )
         if len(self.stop_layers) != len(self.stop_steps):
             raise ValueError("stop_layers and stop_steps must have the same length")
@@ -177,6 +196,58 @@ class CheckpointSection(_Section):
     keep: int = Field(2, ge=2)
 
 
+class _NodeSection(_Section):
+    # Where this node's stages compute; each node reads only its own, so it is left out of agreed().
+    device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device_name(value)
+
+
+class CloudSection(_NodeSection):
+    """`[cloud]`: where the cloud's middle stage computes (``--device`` on edgepipe-cloud wins),
+    and how much memory each session's activation cache (``[link] cache_frozen``) may take before
+    it spills to disk."""
+
+    cache_memory_mib: int = Field(256, ge=0)
+
+
+class EdgeSection(_NodeSection):
+    """`[edge]`: where the edge's head and tail compute (``--device`` on edgepipe-edge wins)."""
+
+
+FederationMode = Literal["none", "splitfed-v1", "splitfed-v2"]
+
+
+class FederationSection(_Section):
+    """`[federation]`: one cloud training with many edges (SplitFed), or each edge on its own middle.
+
+    ``none``: every edge gets a private middle. ``splitfed-v1``: a middle per edge, all trained
+    in parallel and averaged with the edges' heads and tails every ``sync_every`` steps.
+    ``splitfed-v2``: one middle shared by every edge's steps in the order the cloud admits them,
+    heads and tails averaged every ``sync_every`` steps. A round also ends at every epoch end.
+    """
+
+    mode: FederationMode = "none"
+    edges: int = Field(2, ge=1, le=1024)
+    sync_every: int = Field(1, ge=1)
+    round_timeout_seconds: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _keys_fit_mode(self) -> FederationSection:
+        # A default value is no knob set (to_dict writes every key): only a changed one is stray.
+        defaults = {name: field.default for name, field in FederationSection.model_fields.items()}
+        stray = sorted(k for k in self.model_fields_set - {"mode"} if getattr(self, k) != defaults[k])
+        if self.mode == "none" and stray:
+            raise ValueError(
+                f"key(s) {', '.join(stray)} are only read by a split-federated mode; "
+                'set mode = "splitfed-v1" or "splitfed-v2", or remove them'
+            )
+        return self
+
+
 class Config(_Section):
     """A whole configuration file."""
 
@@ -186,6 +257,9 @@ class Config(_Section):
     skip: SkipSection = Field(default_factory=SkipSection)
     train: TrainSection = Field(default_factory=TrainSection)
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    federation: FederationSection = Field(default_factory=FederationSection)
+    cloud: CloudSection = Field(default_factory=CloudSection)
+    edge: EdgeSection = Field(default_factory=EdgeSection)
 
     @model_validator(mode="after")
     def _chunks_fit_batch(self) -> Config:
@@ -193,6 +267,33 @@ class Config(_Section):
             raise ValueError(
                 f"partition.chunks ({self.partition.chunks}) exceeds train.batch_size "
                 f"({self.train.batch_size}): every micro-batch needs at least one sample"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cache_has_a_frozen_head(self) -> Config:
+        if self.link.cache_frozen and self.skip.prefix != "freeze":
+            raise ValueError(
+                'link.cache_frozen needs skip.prefix = "freeze": a head that keeps learning locally '
+                "changes its activations every step"
+            )
+        if self.link.cache_frozen and self.federation.mode != "none":
+            raise ValueError("link.cache_frozen is not available in a split-federated run yet; set it to false")
+        return self
+
+    @model_validator(mode="after")
+    def _local_learning_has_a_head(self) -> Config:
+        if self.skip.prefix != "local":
+            return self
+        if self.partition.edge_head == 0:
+            raise ValueError(
+                'skip.prefix = "local" trains the edge head locally once it is frozen, but partition.edge_head '
+                'is 0 (no head): set edge_head >= 1 or prefix = "freeze"'
+            )
+        if self.federation.mode != "none":
+            raise ValueError(
+                f'skip.prefix = "local" gives each edge a head that learns on its own classifier, which '
+                f'federation.mode = "{self.federation.mode}" would average: use prefix = "freeze"'
             )
         return self
 
@@ -237,11 +338,14 @@ class Config(_Section):
     def agreed(self) -> dict[str, Any]:
         """The part of the configuration edge and cloud must share.
 
-        Everything but where the edge's data lives and how long the edge retries a lost cloud.
+        Everything but where the edge's data lives, how long the edge retries a lost cloud and
+        the devices each side computes on.
         """
         data = self.to_dict()
         data["train"].pop("dataset")
         data["link"].pop("reconnect_seconds")
+        data.pop("cloud")
+        data.pop("edge")
         return data
 
 

@@ -38,10 +38,16 @@ class StepTimeline:
     half a round trip after it sent that frame, the best estimate without synchronised clocks.
     """
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, origin: float | None = None) -> None:
+        """A timeline of step ``step`` that begins at ``origin`` (a ``time.perf_counter()``; None: now)."""
         self.step = step
-        self._origin = time.perf_counter()
+        self._origin = time.perf_counter() if origin is None else origin
         self.spans: list[Span] = []
+
+    @property
+    def began(self) -> float:
+        """When the step began, as a ``time.perf_counter()``."""
+        return self._origin
 
     def now(self) -> float:
         """Seconds since the step began."""

@@ -14,7 +14,7 @@ from torch import nn
 from pipeline import codecs
 from pipeline.config import Config, ConfigError
 from pipeline.partition import cut_shapes, make_cuts
-from pipeline.skip import Decision, LayerStat
+from pipeline.skip import Decision, LayerStat, ParamStat
 from protos import edgepipe_pb2 as pb
 
 __all__ = [
@@ -71,7 +71,7 @@ def encode_tensor(
     clock: CodecClock | None = None,
     generator: torch.Generator | None = None,
 ) -> pb.Tensor:
-    """Encode a float tensor for the link with ``codec``."""
+    """Encode a float tensor for the link with ``codec``, on its device (only the encoded values reach the host)."""
     start = time.perf_counter()
     encoded = codecs.encode(tensor.detach(), codec, role, generator=generator)
     message = pb.Tensor(
@@ -94,11 +94,12 @@ def decode_tensor(
     max_batch: int,
     what: str,
     clock: CodecClock | None = None,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Validate and decode a tensor that must be ``[n, *sample_shape]`` with ``1 <= n <= max_batch``.
 
     Everything is checked before anything is allocated; a problem raises :class:`WireError`
-    naming ``what`` (for example "uplink activation").
+    naming ``what`` (for example "uplink activation"). The tensor is decoded into ``device``'s memory.
     """
     start = time.perf_counter()
     shape = tuple(message.shape)
@@ -116,7 +117,7 @@ def decode_tensor(
         channel_axis=message.channel_axis,
     )
     try:
-        tensor = codecs.decode(encoded)
+        tensor = codecs.decode(encoded, device)
     except codecs.CodecError as exc:
         raise WireError(f"{what}: {exc}") from None
     # One NaN or inf would spread through every weight it reaches at the next optimizer step;
@@ -139,8 +140,8 @@ def labels_from_frame(frame: pb.StepFrame, *, batch: int, num_classes: int) -> t
 
 
 def raw_to_message(tensor: torch.Tensor) -> pb.Tensor:
-    """A tensor of weights, bit for bit (codec ``raw``)."""
-    tensor = tensor.detach().contiguous()
+    """A tensor of weights, bit for bit (codec ``raw``), from its CPU copy."""
+    tensor = tensor.detach().cpu().contiguous()
     if tensor.dtype not in _RAW_NAMES:
         raise WireError(f"weights of type {tensor.dtype} cannot travel; allowed: {', '.join(_RAW_DTYPES)}")
     data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
@@ -168,6 +169,8 @@ def frame_kind(frame: Any) -> str:
     """The traffic kind of a frame: ``activation``, ``gradient`` or ``control``."""
     if isinstance(frame, pb.StepFrame):
         body = frame.WhichOneof("body")
+        if body == "cached":  # stands for an activation the cloud holds
+            return "activation"
         return body if body in ("activation", "gradient") else "control"
     if isinstance(frame, (pb.EvalFrame, pb.NamedTensor)):
         # Evaluation tensors and weights are forward data, not gradients.
@@ -176,17 +179,24 @@ def frame_kind(frame: Any) -> str:
 
 
 def stats_to_message(stats: list[LayerStat]) -> list[pb.LayerStat]:
-    """Per-layer statistics for a step-end frame."""
+    """Per-layer statistics, with each tensor's, for a step-end frame."""
     return [
         pb.LayerStat(
             index=s.index,
             has_conv=s.has_conv,
             weight_norm=s.weight_norm,
-            weight_variance=s.weight_variance,
             epoch_update_norm=s.epoch_update_norm,
+            params=[
+                pb.LayerStat.Param(shape=p.shape, norm=p.norm, variance=p.variance, update_norm=p.update_norm)
+                for p in s.params
+            ],
         )
         for s in stats
     ]
+
+
+def _finite(values: list[float]) -> bool:
+    return all(math.isfinite(v) and v >= 0 for v in values)
 
 
 def stats_from_message(messages: Any, *, num_layers: int) -> list[LayerStat]:
@@ -195,13 +205,23 @@ def stats_from_message(messages: Any, *, num_layers: int) -> list[LayerStat]:
     for m in messages:
         if not 0 <= m.index < num_layers:
             raise WireError(f"statistics name layer {m.index}; the model has layers 0..{num_layers - 1}")
-        values = [m.weight_norm, m.weight_variance]
+        values = [m.weight_norm]
         update = m.epoch_update_norm if m.HasField("epoch_update_norm") else None
         if update is not None:
             values.append(update)
-        if not all(math.isfinite(v) and v >= 0 for v in values):
+        params = []
+        for p in m.params:
+            tensor_update = p.update_norm if p.HasField("update_norm") else None
+            if (tensor_update is None) != (update is None) or any(d < 0 for d in p.shape):
+                raise WireError(
+                    f"statistics of layer {m.index}: a tensor's update norm must come exactly with the layer's, "
+                    "and its shape must have no negative sizes"
+                )
+            values += [p.norm, p.variance, *([] if tensor_update is None else [tensor_update])]
+            params.append(ParamStat(tuple(p.shape), p.norm, p.variance, tensor_update))
+        if not _finite(values):
             raise WireError(f"statistics of layer {m.index} must be finite and non-negative")
-        stats.append(LayerStat(m.index, m.has_conv, m.weight_norm, m.weight_variance, update))
+        stats.append(LayerStat(m.index, m.has_conv, m.weight_norm, update, tuple(params)))
     return stats
 
 
@@ -209,13 +229,23 @@ def decision_to_message(decision: Decision) -> pb.Decision:
     """A skip decision for a step-done frame or the handshake reply."""
     return pb.Decision(
         boundary=decision.boundary,
-        lr_factors=[pb.LrFactor(layer=k, factor=v) for k, v in sorted(decision.lr_factors.items())],
+        frozen_parameters=decision.frozen_parameters,
+        lr_factors=[
+            pb.LrFactor(parameter=k, factor=v, base=decision.lr_bases.get(k))
+            for k, v in sorted(decision.lr_factors.items())
+        ],
     )
 
 
 def decision_from_message(message: pb.Decision) -> Decision:
     """The skip decision the cloud sent."""
-    return Decision(message.boundary, {f.layer: f.factor for f in message.lr_factors})
+    frozen = message.frozen_parameters if message.HasField("frozen_parameters") else None
+    return Decision(
+        message.boundary,
+        {f.parameter: f.factor for f in message.lr_factors},
+        frozen,
+        {f.parameter: f.base for f in message.lr_factors if f.HasField("base")},
+    )
 
 
 #: Room for everything in a frame besides the tensor payload (shape, scales, labels, ids), and

@@ -59,6 +59,11 @@ class CloudStub:
                 request_serializer=protos_dot_edgepipe__pb2.SessionRef.SerializeToString,
                 response_deserializer=protos_dot_edgepipe__pb2.CloseReply.FromString,
                 _registered_method=True)
+        self.Sync = channel.stream_stream(
+                '/edgepipe.v1.Cloud/Sync',
+                request_serializer=protos_dot_edgepipe__pb2.SyncFrame.SerializeToString,
+                response_deserializer=protos_dot_edgepipe__pb2.SyncFrame.FromString,
+                _registered_method=True)
 
 
 class CloudServicer:
@@ -99,6 +104,13 @@ class CloudServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sync(self, request_iterator, context):
+        """Split-federated training, at a round's last step: the edge's head and tail up, the group's average back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CloudServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_CloudServicer_to_server(servicer, server):
                     servicer.Close,
                     request_deserializer=protos_dot_edgepipe__pb2.SessionRef.FromString,
                     response_serializer=protos_dot_edgepipe__pb2.CloseReply.SerializeToString,
+            ),
+            'Sync': grpc.stream_stream_rpc_method_handler(
+                    servicer.Sync,
+                    request_deserializer=protos_dot_edgepipe__pb2.SyncFrame.FromString,
+                    response_serializer=protos_dot_edgepipe__pb2.SyncFrame.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +280,33 @@ class Cloud:
             '/edgepipe.v1.Cloud/Close',
             protos_dot_edgepipe__pb2.SessionRef.SerializeToString,
             protos_dot_edgepipe__pb2.CloseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sync(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/edgepipe.v1.Cloud/Sync',
+            protos_dot_edgepipe__pb2.SyncFrame.SerializeToString,
+            protos_dot_edgepipe__pb2.SyncFrame.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,7 +19,8 @@ from pipeline.config import Config, ConfigError
 from protos import edgepipe_pb2 as pb
 from tests.conftest import SMALL_TOML, make_config
 from tests.raw_client import (
-    CHUNKS, MIB, MICRO, TIMEOUT, RawClient, begin, cut_shapes_of, expect_status, model_of, run_good_step,
+    CHUNKS, MIB, MICRO, TIMEOUT, RawClient, begin, cut_shapes_of, expect_status, good_step_frames, model_of,
+    run_good_step,
 )
 
 
@@ -213,6 +214,78 @@ def test_out_of_order_frames_are_failed_precondition(setup, case: str) -> None:
     for word in words:
         assert word in details, f"{word!r} not in {details!r}"
     run_good_step(client, session, step=0)
+
+
+def _early(frame: pb.StepFrame, boundary: int = 0) -> pb.StepFrame:
+    """``frame`` (a begin) as an edge sends it before the previous step's done frame came back."""
+    early = pb.StepFrame()
+    early.CopyFrom(frame)
+    early.begin.early, early.begin.boundary = True, boundary
+    return early
+
+
+def _payloads(replies: list[pb.StepFrame]) -> list[tuple[str, int, bytes]]:
+    return [(r.WhichOneof("body"), r.micro_batch, getattr(r, r.WhichOneof("body")).data)
+            for r in replies if r.WhichOneof("body") in ("activation", "gradient")]
+
+
+def test_a_step_begun_early_under_the_same_decision_is_a_plain_step(setup) -> None:
+    _, _, client = setup
+    plain, early = client.open(), client.open()
+    plain_replies = client.step(good_step_frames(client, plain, step=0, seed=3))
+    frames = good_step_frames(client, early, step=0, seed=3)
+    early_replies = client.step([_early(frames[0]), *frames[1:]])
+    assert _payloads(early_replies) == _payloads(plain_replies) and len(_payloads(plain_replies)) == 2 * CHUNKS
+    assert early_replies[-1].WhichOneof("body") == "done"
+    assert client.weights(early) == client.weights(plain)
+
+
+@pytest.fixture
+def freezing(cloud: Callable[[Config], str]):
+    """A cloud whose policy freezes the edge head (layer 0) from step 1, and a client of it."""
+    config = make_config(skip={"policy": "manual", "stop_layers": [0], "stop_steps": [1]})
+    client = RawClient(cloud(config), config)
+    yield client
+    client.close()
+
+
+def _step_one(client: RawClient, session: str) -> list[pb.StepFrame]:
+    """Step 1 as the edge sends it once the head is frozen: boundary 1, no head gradients come back."""
+    frames = good_step_frames(client, session, step=1, seed=5)
+    frames[0].begin.boundary = 1
+    return frames
+
+
+def test_a_step_begun_early_under_a_decision_that_froze_the_head_is_begun_again(freezing) -> None:
+    client = freezing
+    plain, early = client.open(), client.open()
+    for session in (plain, early):
+        client.step(good_step_frames(client, session, step=0, seed=2))
+    plain_replies = client.step(_step_one(client, plain))
+    frames = _step_one(client, early)
+    # Begun under boundary 0 with two activations: the decision for step 1 froze the head, so the
+    # cloud drops them, and the step begins again under boundary 1.
+    early_replies = client.step([_early(frames[0]), *frames[1:3], *frames])
+    assert _payloads(early_replies) == _payloads(plain_replies)
+    assert {kind for kind, _, _ in _payloads(plain_replies)} == {"activation"}, "the head is frozen"
+    assert client.weights(early) == client.weights(plain)
+
+
+def test_a_dropped_early_step_takes_activations_until_begun_again_and_nothing_else(freezing) -> None:
+    client = freezing
+    session = client.open()
+    client.step(good_step_frames(client, session, step=0))
+    frames = _step_one(client, session)
+    gradient = next(f for f in frames if f.WhichOneof("body") == "gradient")
+    details = expect_status(lambda: client.step([_early(frames[0]), frames[1], gradient]),
+                            grpc.StatusCode.FAILED_PRECONDITION)
+    assert "begin it again" in details, details
+    too_many = [_early(frames[0]), *frames[1:1 + CHUNKS], frames[1]]
+    expect_status(lambda: client.step(too_many), grpc.StatusCode.FAILED_PRECONDITION)
+    # An early begin must carry the boundary the step before it ran with.
+    details = expect_status(lambda: client.step([_early(frames[0], boundary=1)]), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "ran with 0" in details, details
+    client.step(frames)  # the session is intact, at step 1
 
 
 def test_aborted_step_leaves_counter_and_weights_unchanged(setup) -> None:

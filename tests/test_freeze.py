@@ -63,6 +63,11 @@ def test_frozen_layers_stay_put_and_split_equals_local(tmp_path, cloud):
     for name in ("block4", "head_conv", "fc"):
         assert any(not torch.equal(at_freeze[k], final[k]) for k in _layer(final, name)), f"{name} stopped training"
     assert all(torch.equal(final[k], local[k]) for k in final), "split and local differ under the same policy"
+    # Each step after the first began early with two activations. The freeze of the head (from
+    # step 2) changed how the head runs, so step 2 sent them again and its line counts both; the
+    # boundary's move past the head (step 4) did not, so step 4 kept them.
+    uplink_activations = [line["by_kind"]["activation"]["messages"] - 2 for line in _steps(tmp_path / "eight")]
+    assert uplink_activations[:5] == [2, 2, 4, 2, 2], uplink_activations
 
 
 def load_state_after(config: Config, run_dir: Path, address: str | None, *, steps: int) -> dict[str, torch.Tensor]:
@@ -86,3 +91,41 @@ def test_automatic_policy_decides_the_same_split_and_local(tmp_path, cloud):
     assert split["freeze_events"] == local["freeze_events"]
     a, b = load_state(tmp_path / "split" / "model.pt"), load_state(tmp_path / "local" / "model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_partly_frozen_layer_splits_equal_to_local(tmp_path, cloud, monkeypatch):
+    # CAC's stops name tensors of model.parameters(): 0 is block1's kernel (its bias and GroupNorm
+    # train on), 4 block2's kernel, on the cloud. Braking 3 under the cosine schedule slows tensors
+    # on both sides from the rate braking began at.
+    for name, value in {"CAC_STOP_LAYER_NUM": "0,4", "CAC_STOP_LAYER_ITR": "2,5", "CAC_BRAKING_DISTANCE": "3"}.items():
+        monkeypatch.setenv(name, value)
+    config = make_config(partition={"edge_head": 1, "edge_tail": 1, "chunks": 2}, train={"lr_schedule": "cosine"})
+    split = train(config, run_dir=tmp_path / "split", cloud=cloud(config), max_steps=10)
+    local = train(config, run_dir=tmp_path / "local", max_steps=10)
+
+    assert split["freeze_events"] == local["freeze_events"] == [{"step": 7, "boundary": 1}]
+    lines = _steps(tmp_path / "split")
+    columns = ("step", "boundary", "frozen_parameters", "loss")
+    assert [[line[k] for k in columns] for line in lines] == [[line[k] for k in columns]
+                                                              for line in _steps(tmp_path / "local")]
+    # Each line's frozen_parameters, like its boundary, is what that step trained under.
+    assert [line["frozen_parameters"] for line in lines] == [0, 0, 0, 0, 1, 1, 1, 5, 5, 5]
+    assert [line["boundary"] for line in lines] == [0] * 7 + [1] * 3
+    for line in lines:
+        # Kernel 0 alone frozen leaves the head learning: gradients come down until block1 is whole.
+        down = line["by_kind"]["gradient"]["downlink_bytes"]
+        assert (down == 0) == (line["step"] >= 7), line
+    a, b = load_state(tmp_path / "split" / "model.pt"), load_state(tmp_path / "local" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a), "split and local differ with a partly frozen layer"
+
+
+def test_a_head_ending_without_parameters_freezes_whole_with_its_last_tensor(tmp_path, recording_cloud, monkeypatch):
+    # tinycnn's head block1, block2, pool: CAC's stop of tensor 7 (block2's last) freezes the pool too,
+    # so no gradient comes down from then on.
+    monkeypatch.setenv("CAC_STOP_LAYER_NUM", "7")
+    monkeypatch.setenv("CAC_STOP_LAYER_ITR", "2")
+    config = make_config(partition={"edge_head": 3, "edge_tail": 0, "chunks": 2})
+    address, servicer = recording_cloud(config)
+    summary = train(config, run_dir=tmp_path / "split", cloud=address, max_steps=5)
+    assert summary["freeze_events"] == [{"step": 3, "boundary": 3}]
+    assert {step for step, kind in servicer.sent if kind == "gradient"} == {0, 1, 2}

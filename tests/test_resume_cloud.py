@@ -163,8 +163,12 @@ def test_a_checkpoint_step_saves_the_cloud_half_before_it_answers(
     assert earlier["optimizer"]["state"], "momentum buffers are saved"
     assert tensors["rounding"].dtype == torch.uint8
     assert meta["run_id"] == run_id and meta["step"] == 4 and meta["next_step"] == 5
-    assert meta["decision"] == {"boundary": 2, "lr_factors": []}
-    assert earlier_meta["decision"] == {"boundary": 0, "lr_factors": [[0, (1 / 3) ** 2], [1, (1 / 3) ** 2]]}
+    assert meta["decision"]["boundary"] == 2 and meta["decision"]["lr_factors"] == []
+    # Braking slows every tensor of the two layers about to stop (tinycnn: 8 tensors).
+    assert earlier_meta["decision"]["boundary"] == 0
+    assert earlier_meta["decision"]["lr_factors"] == [[i, (1 / 3) ** 2] for i in range(8)]
+    # The tensor prefix is kept too, so a resumed run knows exactly what it froze.
+    assert meta["decision"]["frozen_parameters"] == 8 and earlier_meta["decision"]["frozen_parameters"] == 0
     assert meta["policy"]["policy"] == "manual"
     assert meta["fingerprint"] == fingerprint(config, model_of(config)) and meta["config"] == config.agreed()
     assert (meta["total_steps"], meta["steps_per_epoch"]) == (100, STEPS_PER_EPOCH)
@@ -340,7 +344,7 @@ def test_a_resumed_session_continues_bit_for_bit(cloud_server, client_of, config
     run_steps(client, interrupted, range(4), checkpoints={1, 2, 3})
     resumed = open_run(client, run_id, 2)
     assert resumed.next_step == 3
-    assert {f.layer: f.factor for f in resumed.decision.lr_factors} == {0: (1 / 3) ** 2, 1: (1 / 3) ** 2}
+    assert {f.parameter: f.factor for f in resumed.decision.lr_factors} == dict.fromkeys(range(8), (1 / 3) ** 2)
     assert CheckpointStore(state / "local" / run_id).steps() == [2]
     expect_status(lambda: client.weights(interrupted), grpc.StatusCode.NOT_FOUND)
     assert [answers(r) for r in run_steps(client, resumed.session, range(3, STEPS), checkpoints={4})] == expected[3:]

@@ -121,7 +121,9 @@ def test_end_statistics_may_name_only_the_edges_layers(client: RawClient) -> Non
     session = client.open()
     for stats in ([pb.LayerStat(index=1, weight_norm=1.0)],                       # a cloud layer
                   [pb.LayerStat(index=0, weight_norm=1.0)] * 2,                   # twice
-                  [pb.LayerStat(index=0, weight_norm=1.0, epoch_update_norm=1.0)]):  # not an epoch end
+                  [pb.LayerStat(index=0, weight_norm=1.0, epoch_update_norm=1.0)],  # not an epoch end
+                  [pb.LayerStat(index=0, weight_norm=1.0)],                       # none of its tensors
+                  [pb.LayerStat(index=0, weight_norm=1.0, params=[pb.LayerStat.Param(shape=[3])])]):  # another
         frames = good_step_frames(client, session)
         frames[-1].end.stats.extend(stats)
         details = expect_status(lambda: client.step(frames), grpc.StatusCode.INVALID_ARGUMENT)

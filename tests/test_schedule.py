@@ -3,6 +3,7 @@ the result does not depend on the order backward passes ran in."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,23 @@ def test_the_edge_sends_each_gradient_as_soon_as_its_output_returns(recording_cl
         # Micro-batch order, not GPipe's reverse fill-drain order: micro-batch 0's backward
         # needs nothing but micro-batch 0.
         assert gradients == [0, 1, 2, 3], gradients
+
+
+def test_the_next_step_begins_before_the_previous_one_drains(cloud, tmp_path: Path) -> None:
+    config = make_config(partition={"edge_head": 1, "edge_tail": 1, "chunks": 2}, checkpoint={"every_steps": 100})
+    run_dir = tmp_path / "run"
+    train(config, run_dir=run_dir, cloud=cloud(config), max_steps=3, trace=run_dir / "trace.json")
+
+    events = [e for e in json.loads((run_dir / "trace.json").read_text())["traceEvents"] if e["ph"] == "X"]
+
+    def edge_spans(step: int, name: str) -> list[dict]:
+        return [e for e in events if e["cat"] == "edge" and e["args"]["step"] == step and e["name"] == name]
+
+    for step in (0, 1):
+        # Not an epoch's end, no checkpoint: the next step's first activations leave before this
+        # step's done frame has come back (the last wait of the step is the one for it).
+        done_at = max(e["ts"] + e["dur"] for e in edge_spans(step, "wait"))
+        first = min(e["ts"] for e in edge_spans(step + 1, "head forward"))
+        assert edge_spans(step, "next step") and first < done_at, (step, first, done_at)
+    # The last step has no next one to begin.
+    assert not edge_spans(2, "next step")
