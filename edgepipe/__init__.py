@@ -15,7 +15,9 @@ Everything a Python user needs is importable from here; the commands (``edgepipe
 :class:`TrainingProgress`) to see progress. Both :func:`train` and :func:`serve` take a
 ``model_factory`` (a callable returning an ``nn.Sequential``, used instead of ``[model] name``;
 edge and cloud must use the same), and :func:`train` takes ``data=(train, validation)``: torch
-``Dataset`` objects of ``(image, label)`` or ``(inputs, labels)`` tensor pairs.
+``Dataset`` objects of ``(image, label)`` or ``(inputs, labels)`` tensor pairs. An edge of a
+split-federated group trains ``train(..., shard=Shard(k, n))``; :func:`simulate_federation` is the
+group's one-process reference. Devices come from ``[cloud] device`` / ``[edge] device``.
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ from torch import nn
 from cloud_node.servicer import serve
 from edge_node.recovery import RunDirError
 from edge_node.security import LinkSecurity
+from edge_node.federation import simulate as simulate_federation
 from edge_node.worker import EpochReport, StepReport, train
 from edgepipe.progress import TrainingProgress
 from pipeline.blueprint import Blueprint
 from pipeline.config import Config, ConfigError, load_config, parse_config
-from pipeline.data import DataError, Dataset
+from pipeline.data import DataError, Dataset, Shard
 from pipeline.runs import Run, RunFileError
 from pipeline.runs import load_run as read_run
 
@@ -43,6 +46,7 @@ __all__ = [
     "Run",
     "RunDirError",
     "RunFileError",
+    "Shard",
     "StepReport",
     "TrainingProgress",
     "build_model",
@@ -50,6 +54,7 @@ __all__ = [
     "parse_config",
     "read_run",
     "serve",
+    "simulate_federation",
     "train",
 ]
 
