@@ -285,7 +285,9 @@ class CloudSession:
     def _on_cached(self, frame: pb.StepFrame) -> Iterator[pb.StepFrame]:
         """A micro-batch of samples whose rows the cache holds: the activation is put back together
         from them, byte for byte as it first arrived, and computed like any other."""
-        samples = self._samples(frame, min(len(frame.samples), self.max_batch))
+        if not 0 < len(frame.samples) <= self.max_batch:
+            raise wire.WireError(f"a cached micro-batch names 1 to {self.max_batch} samples, not {len(frame.samples)}")
+        samples = self._samples(frame, len(frame.samples))
         missing = [sample for sample in samples if sample not in self.cache]
         if missing:
             raise wire.WireError(f"cached micro-batch {frame.micro_batch} names sample {missing[0]}, which this cloud does not hold")

@@ -313,7 +313,7 @@ class SplitEngine:
         return ahead
 
     def _drop_ahead(self) -> None:
-        """Cancel the begun next step and undo what it did here (the cloud never began it)."""
+        """Cancel the begun next step and undo what it did here (the cloud aborts it too)."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             ahead.call.cancel()

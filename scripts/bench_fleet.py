@@ -12,7 +12,6 @@ trained on all of the data (``--local``, the same epochs) is the accuracy baseli
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import shutil
 import statistics
@@ -25,14 +24,12 @@ from typing import Any
 
 import torch
 from rich.table import Table
-from torch import nn
 
 from edge_node.federation import simulate
 from edge_node.worker import train
 from edgepipe.launch import LaunchError, start_cloud, stop, tail
 from edgepipe.process import configure_process
 from edgepipe.split_run import demo_config, publish, report_console, write_config
-from pipeline.blueprint import Blueprint
 from pipeline.checkpoint import load_state
 from pipeline.config import Config, load_config, parse_config
 from pipeline.data import Shard
@@ -60,14 +57,12 @@ def _federated(base: dict[str, dict[str, Any]], mode: str, edges: int, sync_ever
     return {**base, "federation": {"mode": mode, "edges": edges, "sync_every": sync_every}}
 
 
-def _train_edge(config: Config, model: nn.Sequential, address: str, run_dir: Path, k: int, edges: int,
+def _train_edge(config: Config, address: str, run_dir: Path, k: int, edges: int,
                 start: threading.Barrier, errors: dict[str, str]) -> None:
     start.wait()
     try:
-        # A copy of one model built beforehand: building it seeds torch's global RNG, which threads
-        # building at once would share (and then start from different weights).
         train(config, run_dir=run_dir, cloud=address, edge_name=f"edge-{k}", shard=Shard(k, edges),
-              connect_timeout=60.0, model_factory=lambda: copy.deepcopy(model))
+              connect_timeout=60.0)
     except Exception as exc:  # a failed edge is a result of the benchmark, not its end
         errors[f"edge-{k}"] = f"{type(exc).__name__}: {exc}"
 
@@ -107,8 +102,7 @@ def run_row(model: str, mode: str, edges: int, base: dict[str, dict[str, Any]], 
     run_dirs = [row_dir / f"edge-{k}" for k in range(1, edges + 1)]
     try:
         start = threading.Barrier(edges + 1)
-        prebuilt = Blueprint(config).model
-        threads = [threading.Thread(target=_train_edge, args=(config, prebuilt, address, d, k, edges, start, errors),
+        threads = [threading.Thread(target=_train_edge, args=(config, address, d, k, edges, start, errors),
                                     name=f"bench-edge-{k}") for k, d in enumerate(run_dirs, start=1)]
         for thread in threads:
             thread.start()

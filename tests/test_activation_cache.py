@@ -100,14 +100,15 @@ def test_data_that_declares_augmentation_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_a_cached_frame_naming_a_sample_the_cloud_lacks_is_invalid(cloud) -> None:
+@pytest.mark.parametrize(("samples", "words"), [(list(range(8)), "sample 0"), ([], "1 to 8 samples")])
+def test_a_cached_frame_naming_samples_the_cloud_lacks_is_invalid(cloud, samples: list[int], words: str) -> None:
     # A frozen head from the start: the cloud caches, and holds nothing yet.
     config = make_config(link={"cache_frozen": True}, skip={"policy": "manual", "stop_layers": [0], "stop_steps": [0]})
     client = RawClient(cloud(config), config)
     session = client.open()
     frames = [begin(session, step=0), pb.StepFrame(session=session, step=0, micro_batch=0, cached=pb.Cached(),
-                                                   samples=list(range(8)))]
+                                                   samples=samples)]
     frames[0].begin.boundary = 1
     details = expect_status(lambda: client.step(frames), grpc.StatusCode.INVALID_ARGUMENT)
-    assert "sample 0" in details, details
+    assert words in details, details
     client.close()
